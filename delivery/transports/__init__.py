@@ -1,0 +1,31 @@
+"""The registry of transports: one module per destination kind."""
+
+from destinations.models import Destination
+
+from .base import Blame, Failure, OutgoingMessage, Result, Sent, Transport
+
+TRANSPORTS: dict[str, type[Transport]] = {}
+
+
+def register(transport: type[Transport]) -> type[Transport]:
+    TRANSPORTS[transport.kind] = transport
+    return transport
+
+
+def transport_for(destination: Destination) -> Transport | None:
+    """Return a transport for `destination`, or None if its kind cannot send yet."""
+    transport = TRANSPORTS.get(destination.kind)
+    return transport(destination) if transport else None
+
+
+__all__ = [
+    "TRANSPORTS",
+    "Blame",
+    "Failure",
+    "OutgoingMessage",
+    "Result",
+    "Sent",
+    "Transport",
+    "register",
+    "transport_for",
+]

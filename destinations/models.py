@@ -1,0 +1,237 @@
+"""Applications and the destinations their events go to."""
+
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import models
+
+from . import encryption
+from .encryption import EncryptedTextField
+
+
+class Stage(models.TextChoices):
+    TEST = "TEST", "TEST"
+    PROD = "PROD", "PROD"
+
+
+class Kind(models.TextChoices):
+    SQS = "sqs", "AWS SQS"
+    PUBSUB = "pubsub", "GCP Pub/Sub"
+    SERVICEBUS = "servicebus", "Azure Service Bus"
+
+
+class SqsEncryption(models.TextChoices):
+    NONE = "none", "None"
+    SSE_SQS = "sse-sqs", "SSE-SQS (key managed by SQS)"
+    SSE_KMS = "sse-kms", "SSE-KMS (customer managed KMS key)"
+
+
+class EntityType(models.TextChoices):
+    QUEUE = "queue", "Queue"
+    TOPIC = "topic", "Topic"
+
+
+def split_emails(value: str) -> list[str]:
+    """Split a comma, semicolon or newline separated list of addresses."""
+    separators = value.replace(";", ",").replace("\n", ",")
+    return [part.strip() for part in separators.split(",") if part.strip()]
+
+
+def validate_email_list(value: str) -> None:
+    for address in split_emails(value):
+        try:
+            validate_email(address)
+        except ValidationError as error:
+            raise ValidationError(
+                f"{address!r} is not a valid e-mail address. Write one address per "
+                "line or separate them with commas.",
+                code="invalid_email",
+            ) from error
+
+
+class Application(models.Model):
+    """A partner application; each stage of it has its own destinations."""
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=100, unique=True)
+    contact_emails = models.TextField(
+        blank=True,
+        validators=[validate_email_list],
+        help_text="Who is told when delivery fails: one address per line or commas.",
+    )
+    developers = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="applications",
+        help_text="App developers who may see this application's delivery status.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def contact_email_list(self) -> list[str]:
+        return split_emails(self.contact_emails)
+
+
+class Destination(models.Model):
+    """Where one application's events for one stage are sent.
+
+    The columns of every kind live on this one table, prefixed by kind, so a list of
+    destinations of mixed kinds needs no join. Only the columns of `kind` are used.
+    """
+
+    application = models.ForeignKey(
+        Application, on_delete=models.CASCADE, related_name="destinations"
+    )
+    stage = models.CharField(max_length=4, choices=Stage.choices)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(max_length=200)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    sqs_queue_url = models.CharField("queue URL", max_length=255, blank=True)
+    sqs_region = models.CharField(
+        "region",
+        max_length=32,
+        blank=True,
+        help_text="Taken from the queue URL when left blank.",
+    )
+    sqs_fifo = models.BooleanField(
+        "FIFO queue", default=False, help_text="The queue name ends in .fifo."
+    )
+    sqs_encryption = models.CharField(
+        "server-side encryption",
+        max_length=8,
+        choices=SqsEncryption.choices,
+        default=SqsEncryption.NONE,
+    )
+    sqs_kms_key_arn = models.CharField(
+        "KMS key ARN",
+        max_length=2048,
+        blank=True,
+        help_text="With SSE-KMS: the key's ARN, so the platform can be granted on it.",
+    )
+
+    pubsub_project_id = models.CharField("project ID", max_length=100, blank=True)
+    pubsub_topic_id = models.CharField("topic ID", max_length=255, blank=True)
+    pubsub_ordering = models.BooleanField(
+        "message ordering",
+        default=False,
+        help_text="Publish with an ordering key per object; needs a regional endpoint.",
+    )
+    pubsub_endpoint = models.CharField(
+        "regional endpoint",
+        max_length=255,
+        blank=True,
+        help_text="For example europe-west1-pubsub.googleapis.com:443.",
+    )
+
+    servicebus_connection_string = EncryptedTextField(
+        "connection string", blank=True, editable=False
+    )
+    servicebus_namespace = models.CharField(
+        "namespace host",
+        max_length=255,
+        blank=True,
+        editable=False,
+        help_text="Read from the connection string's Endpoint.",
+    )
+    servicebus_key_name = models.CharField(
+        "shared access key name", max_length=256, blank=True, editable=False
+    )
+    servicebus_entity_path = models.CharField(
+        "EntityPath in the connection string",
+        max_length=260,
+        blank=True,
+        editable=False,
+    )
+    servicebus_entity_type = models.CharField(
+        "entity type",
+        max_length=8,
+        choices=EntityType.choices,
+        default=EntityType.QUEUE,
+    )
+    servicebus_entity_name = models.CharField(
+        "entity name",
+        max_length=260,
+        blank=True,
+        help_text="Filled from the connection string's EntityPath when left blank.",
+    )
+    servicebus_partitioning = models.BooleanField("partitioned entity", default=False)
+    servicebus_sessions = models.BooleanField("sessions required", default=False)
+
+    class Meta:
+        ordering = ["application__name", "stage", "name"]
+        indexes = [models.Index(fields=["application", "stage", "enabled"])]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(stage__in=Stage.values), name="destination_stage"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(kind__in=Kind.values), name="destination_kind"
+            ),
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._new_connection_string: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.application} / {self.stage} / {self.name}"
+
+    def set_connection_string(self, plaintext: str) -> None:
+        """Replace the Service Bus connection string; it is parsed by `clean()` and
+        encrypted by `save()`."""
+        self._new_connection_string = plaintext
+
+    def connection_string(self) -> str:
+        """Decrypt the Service Bus connection string, for sending only."""
+        return encryption.decrypt(self.servicebus_connection_string)
+
+    @property
+    def is_fifo(self) -> bool:
+        return self.kind == Kind.SQS and self.sqs_fifo
+
+    @property
+    def target(self) -> str:
+        """Where the events go, with no secret in it."""
+        if self.kind == Kind.SQS:
+            return self.sqs_queue_url
+        if self.kind == Kind.PUBSUB:
+            return f"projects/{self.pubsub_project_id}/topics/{self.pubsub_topic_id}"
+        return self.servicebus_summary
+
+    @property
+    def servicebus_summary(self) -> str:
+        """The masked form of the connection string: namespace, key name, entity."""
+        if not self.servicebus_connection_string and not self._new_connection_string:
+            return ""
+        return (
+            f"{self.servicebus_namespace} {self.servicebus_entity_type} "
+            f"{self.servicebus_entity_name} (key {self.servicebus_key_name}, secret "
+            "hidden)"
+        )
+
+    def clean(self) -> None:
+        from .validation import validate_destination
+
+        validate_destination(self)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # Every save validates, so destinations created in code or by commands obey
+        # the same rules as the admin form.
+        self.full_clean()
+        if self._new_connection_string is not None:
+            self.servicebus_connection_string = encryption.encrypt(
+                self._new_connection_string.strip()
+            )
+            self._new_connection_string = None
+        super().save(*args, **kwargs)
