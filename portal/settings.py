@@ -119,8 +119,12 @@ SQS_TIMEOUT = env.float("SQS_TIMEOUT", default=10.0)
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "broker"
-    _broker_dir.mkdir(exist_ok=True)
+    # The folder the web process and the worker exchange task messages through; the
+    # tests point it at a fresh folder of their own.
+    _broker_dir = Path(
+        env.str("CELERY_FILESYSTEM_BROKER_DIR", default=str(VAR_DIR / "broker"))
+    )
+    _broker_dir.mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
