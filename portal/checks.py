@@ -16,7 +16,7 @@ def check_encryption_keys(app_configs: Any, **kwargs: Any) -> list[Error]:
             Error(
                 "ENCRYPTION_KEYS is not set, so secrets cannot be stored or read.",
                 hint=(
-                    "Generate a key with `python -c \"from cryptography.fernet import "
+                    'Generate a key with `python -c "from cryptography.fernet import '
                     'Fernet; print(Fernet.generate_key().decode())"` and set '
                     "ENCRYPTION_KEYS to it (comma separated when rotating)."
                 ),

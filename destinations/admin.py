@@ -1,0 +1,284 @@
+"""The Partner staff admin: applications and their destinations."""
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html
+from django.views.decorators.debug import sensitive_post_parameters
+
+from delivery.models import Attempt, Delivery, DeliveryStatus, Outcome
+from delivery.testevents import send_test_event
+
+from .forms import COMMON_FIELDS, KIND_FIELDS, SECRET_FIELDS, DestinationForm
+from .models import Application, Destination, Kind
+
+
+@admin.register(Application)
+class ApplicationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "slug", "destination_count", "contact_emails")
+    search_fields = ("name", "slug")
+    prepopulated_fields = {"slug": ("name",)}
+    filter_horizontal = ("developers",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Application]:
+        return super().get_queryset(request).annotate(Count("destinations"))
+
+    @admin.display(description="destinations", ordering="destinations__count")
+    def destination_count(self, application: Any) -> int:
+        return int(application.destinations__count)
+
+
+def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet:  # type: ignore[type-arg]
+    return model.objects.filter(
+        **{f"{prefix}destination": OuterRef("pk"), f"{prefix}event__is_test": True}
+    )
+
+
+SEND_TEST_HELP = "Sends a test event now; its result appears here once the worker ran."
+
+
+@admin.register(Destination)
+class DestinationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    form = DestinationForm
+    list_display = (
+        "name",
+        "application",
+        "stage",
+        "kind",
+        "target",
+        "enabled",
+        "last_test_result",
+    )
+    list_filter = ("stage", "kind", "enabled")
+    list_select_related = ("application",)
+    search_fields = (
+        "name",
+        "application__name",
+        "application__slug",
+        "sqs_queue_url",
+        "pubsub_project_id",
+        "pubsub_topic_id",
+        "servicebus_namespace",
+        "servicebus_entity_name",
+    )
+    actions = ("enable_destinations", "disable_destinations", "send_test_events")
+    change_form_template = "admin/destinations/destination/change_form.html"
+
+    # Listing and change pages.
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Destination]:
+        deliveries = _latest_test(Delivery, "").order_by("-created_at")
+        attempts = _latest_test(Attempt, "delivery__").order_by("-started_at")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_test_status=Subquery(deliveries.values("status")[:1]),
+                last_test_outcome=Subquery(attempts.values("outcome")[:1]),
+                last_test_error=Subquery(attempts.values("error_kind")[:1]),
+                last_test_at=Subquery(attempts.values("started_at")[:1]),
+            )
+        )
+
+    @admin.display(description="last test")
+    def last_test_result(self, destination: Any) -> str:
+        status = getattr(destination, "last_test_status", None)
+        if status is None:
+            return "-"
+        if status in (DeliveryStatus.PENDING, DeliveryStatus.SENDING):
+            return "Queued"
+        outcome = destination.last_test_outcome
+        when = f"{destination.last_test_at:%Y-%m-%d %H:%M}"
+        if outcome == Outcome.SUCCESS:
+            return f"Delivered {when}"
+        return f"Failed {when}: {destination.last_test_error}"
+
+    @admin.display(description="latest test event")
+    def latest_test(self, destination: Destination) -> str:
+        delivery = (
+            Delivery.objects.filter(destination=destination, event__is_test=True)
+            .order_by("-created_at")
+            .first()
+        )
+        if delivery is None:
+            return "No test event sent yet."
+        if delivery.status in (DeliveryStatus.PENDING, DeliveryStatus.SENDING):
+            return format_html(
+                '<span class="test-result" data-status="queued">Queued at {} UTC, '
+                "waiting for the worker. Reload the page to see the result.</span>",
+                f"{delivery.created_at:%Y-%m-%d %H:%M:%S}",
+            )
+
+        attempt = delivery.attempts.order_by("-started_at").first()
+        if attempt is None:
+            return "No attempt recorded."
+        when = f"{attempt.started_at:%Y-%m-%d %H:%M:%S}"
+        if attempt.outcome == Outcome.SUCCESS:
+            return format_html(
+                '<span class="test-result" data-status="success">Delivered at {} UTC '
+                "in {} ms, message ID {}.</span>",
+                when,
+                attempt.duration_ms,
+                attempt.remote_message_id,
+            )
+        return format_html(
+            '<span class="test-result" data-status="error">{} at {} UTC ({}): {}'
+            "</span>",
+            attempt.get_outcome_display(),
+            when,
+            attempt.error_kind,
+            attempt.message,
+        )
+
+    @admin.display(description="connection string")
+    def servicebus_summary(self, destination: Destination) -> str:
+        return destination.servicebus_summary or "-"
+
+    # One form per kind.
+
+    def _kind(self, request: HttpRequest, destination: Destination | None) -> str:
+        if destination is not None:
+            return destination.kind
+        return request.POST.get("kind") or request.GET.get("kind", "")
+
+    def get_fieldsets(
+        self, request: HttpRequest, obj: Destination | None = None
+    ) -> Any:
+        kind = self._kind(request, obj)
+        kind_fields = list(KIND_FIELDS.get(kind, ()))
+        if obj is not None and kind == Kind.SERVICEBUS:
+            kind_fields.insert(0, "servicebus_summary")
+
+        fieldsets: list[tuple[str | None, dict[str, Any]]] = [
+            (None, {"fields": COMMON_FIELDS}),
+            (Kind(kind).label if kind in Kind.values else "", {"fields": kind_fields}),
+        ]
+        if obj is not None:
+            fieldsets.append(
+                (
+                    "Test event",
+                    {"fields": ("latest_test",), "description": SEND_TEST_HELP},
+                )
+            )
+        return fieldsets
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: Destination | None = None
+    ) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        return ("kind", "servicebus_summary", "latest_test")
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        initial = super().get_changeform_initial_data(request)
+        if initial.get("kind") not in Kind.values:
+            initial.pop("kind", None)
+        return initial
+
+    def add_view(
+        self,
+        request: HttpRequest,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        if self._kind(request, None) not in Kind.values:
+            return self.choose_kind_view(request)
+        return super().add_view(request, form_url, extra_context)
+
+    @method_decorator(sensitive_post_parameters(*SECRET_FIELDS))
+    def changeform_view(self, *args: Any, **kwargs: Any) -> Any:
+        return super().changeform_view(*args, **kwargs)
+
+    def choose_kind_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Add destination: choose its kind",
+            "kinds": Kind.choices,
+            "query": request.GET.copy(),
+        }
+        return TemplateResponse(
+            request, "admin/destinations/destination/choose_kind.html", context
+        )
+
+    # Sending test events.
+
+    def get_urls(self) -> list[URLPattern]:
+        send_test = path(
+            "<path:object_id>/send-test/",
+            self.admin_site.admin_view(self.send_test_view),
+            name="destinations_destination_send_test",
+        )
+        return [send_test, *super().get_urls()]
+
+    def send_test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        destination = self.get_object(request, unquote(object_id))
+        if destination is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        if not self.has_change_permission(request, destination):
+            raise PermissionDenied
+
+        send_test_event(destination, requested_by=request.user)
+        self.message_user(
+            request,
+            f"Test event queued for {destination.name}. Reload this page to see the "
+            "result.",
+            messages.SUCCESS,
+        )
+        return redirect(
+            reverse("admin:destinations_destination_change", args=[destination.pk])
+        )
+
+    # Bulk actions.
+
+    @admin.action(description="Enable selected destinations", permissions=["change"])
+    def enable_destinations(
+        self, request: HttpRequest, queryset: QuerySet[Destination]
+    ) -> None:
+        self._set_enabled(request, queryset, enabled=True)
+
+    @admin.action(description="Disable selected destinations", permissions=["change"])
+    def disable_destinations(
+        self, request: HttpRequest, queryset: QuerySet[Destination]
+    ) -> None:
+        self._set_enabled(request, queryset, enabled=False)
+
+    def _set_enabled(
+        self, request: HttpRequest, queryset: QuerySet[Destination], enabled: bool
+    ) -> None:
+        selected = queryset.count()
+        changed = queryset.exclude(enabled=enabled).update(enabled=enabled)
+        verb = "Enabled" if enabled else "Disabled"
+        self.message_user(
+            request,
+            f"{verb} {changed} of {selected} selected destinations; "
+            f"{selected - changed} already were.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(description="Send test event", permissions=["change"])
+    def send_test_events(
+        self, request: HttpRequest, queryset: QuerySet[Destination]
+    ) -> None:
+        queued = 0
+        for destination in queryset.select_related("application"):
+            send_test_event(destination, requested_by=request.user)
+            queued += 1
+        self.message_user(
+            request,
+            f"Queued {queued} test events. The 'last test' column shows each result "
+            "once the worker has sent it.",
+            messages.SUCCESS,
+        )

@@ -1,0 +1,76 @@
+"""The staff form for a destination: one set of fields per kind."""
+
+from typing import Any
+
+from django import forms
+
+from .models import Destination, Kind
+
+COMMON_FIELDS = ("application", "stage", "kind", "name", "enabled")
+
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    Kind.SQS: (
+        "sqs_queue_url",
+        "sqs_region",
+        "sqs_fifo",
+        "sqs_encryption",
+        "sqs_kms_key_arn",
+    ),
+    Kind.PUBSUB: (
+        "pubsub_project_id",
+        "pubsub_topic_id",
+        "pubsub_ordering",
+        "pubsub_endpoint",
+    ),
+    Kind.SERVICEBUS: (
+        "servicebus_connection_string",
+        "servicebus_entity_type",
+        "servicebus_entity_name",
+        "servicebus_partitioning",
+        "servicebus_sessions",
+    ),
+}
+
+SECRET_FIELDS = ("servicebus_connection_string",)
+
+
+class DestinationForm(forms.ModelForm):  # type: ignore[type-arg]
+    # Write-only: the stored value is a Fernet token and is never rendered back.
+    servicebus_connection_string = forms.CharField(
+        label="Connection string",
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text=(
+            "Endpoint=sb://NAMESPACE.servicebus.windows.net/;SharedAccessKeyName=...;"
+            "SharedAccessKey=... from a policy with the Send right only."
+        ),
+    )
+
+    class Meta:
+        model = Destination
+        fields = [
+            *COMMON_FIELDS,
+            *(name for names in KIND_FIELDS.values() for name in names),
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+        if "kind" in self.fields:
+            # The kind is chosen before the form opens; it travels as a hidden value.
+            self.fields["kind"].widget = forms.HiddenInput()
+
+        field = self.fields.get("servicebus_connection_string")
+        if field is not None and self.instance.servicebus_connection_string:
+            field.help_text = (
+                "A connection string is stored and is not shown. Leave blank to keep "
+                "it, or paste a new one to replace it."
+            )
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        connection_string = cleaned.get("servicebus_connection_string")
+        if connection_string:
+            # Parsed and checked by the model's clean(), which runs after this.
+            self.instance.set_connection_string(connection_string)
+        return cleaned
