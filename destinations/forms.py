@@ -28,6 +28,7 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
         "servicebus_entity_name",
         "servicebus_partitioning",
         "servicebus_sessions",
+        "servicebus_max_message_size",
     ),
 }
 

@@ -167,6 +167,14 @@ class Destination(models.Model):
     )
     servicebus_partitioning = models.BooleanField("partitioned entity", default=False)
     servicebus_sessions = models.BooleanField("sessions required", default=False)
+    servicebus_max_message_size = models.PositiveIntegerField(
+        "maximum message size (bytes)",
+        default=262144,
+        help_text=(
+            "256 KB on the Standard tier; on Premium, the entity's own maximum (up to "
+            "100 MB)."
+        ),
+    )
 
     class Meta:
         ordering = ["application__name", "stage", "name"]

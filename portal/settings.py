@@ -110,12 +110,23 @@ STAGE_IDENTITIES = {
         "aws_secret_access_key": env.str(f"{stage}_AWS_SECRET_ACCESS_KEY", default=""),
         "aws_profile": env.str(f"{stage}_AWS_PROFILE", default=""),
         "sqs_endpoint_url": env.str(f"{stage}_SQS_ENDPOINT_URL", default=""),
+        # A service account key file; empty uses application default credentials.
+        "gcp_credentials_file": env.str(f"{stage}_GCP_CREDENTIALS_FILE", default=""),
+        # The account partners grant roles/pubsub.publisher to, shown in messages.
+        "gcp_service_account": env.str(f"{stage}_GCP_SERVICE_ACCOUNT", default=""),
+        # host:port of a local Pub/Sub peer, as PUBSUB_EMULATOR_HOST expects.
+        "pubsub_emulator_host": env.str(f"{stage}_PUBSUB_EMULATOR_HOST", default=""),
     }
     for stage in ("TEST", "PROD")
 }
 
 # Seconds that one SQS call may take before it counts as a transient timeout.
 SQS_TIMEOUT = env.float("SQS_TIMEOUT", default=10.0)
+# Seconds to wait for one Pub/Sub publish result. The client's own retry would go on
+# for up to 600 s.
+PUBSUB_TIMEOUT = env.float("PUBSUB_TIMEOUT", default=10.0)
+# Seconds one Service Bus send may take, retries included.
+SERVICEBUS_TIMEOUT = env.float("SERVICEBUS_TIMEOUT", default=10.0)
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
