@@ -3,7 +3,7 @@
 from typing import Any
 
 from django.contrib import admin, messages
-from django.contrib.admin.utils import unquote
+from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
@@ -169,6 +169,24 @@ class DestinationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 )
             )
         return fieldsets
+
+    def get_form(
+        self,
+        request: HttpRequest,
+        obj: Destination | None = None,
+        change: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        # The secret fields are declared on the form. Django rejects their model
+        # fields, which are not editable, when named here, so only the fieldsets
+        # list them.
+        if "fields" not in kwargs:
+            kwargs["fields"] = flatten_fieldsets(self.get_fieldsets(request, obj))
+        if kwargs["fields"] is not None:
+            kwargs["fields"] = [
+                name for name in kwargs["fields"] if name not in SECRET_FIELDS
+            ]
+        return super().get_form(request, obj, change, **kwargs)
 
     def get_readonly_fields(
         self, request: HttpRequest, obj: Destination | None = None

@@ -49,9 +49,16 @@ class DestinationForm(forms.ModelForm):  # type: ignore[type-arg]
 
     class Meta:
         model = Destination
+        # The secret fields are declared above instead, because Django rejects a
+        # non-editable model field named here.
         fields = [
             *COMMON_FIELDS,
-            *(name for names in KIND_FIELDS.values() for name in names),
+            *(
+                name
+                for names in KIND_FIELDS.values()
+                for name in names
+                if name not in SECRET_FIELDS
+            ),
         ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
