@@ -29,3 +29,7 @@ __all__ = [
     "register",
     "transport_for",
 ]
+
+# Each kind's module registers its transport when imported, so it comes after
+# `register` exists.
+from . import sqs  # noqa: E402, F401

@@ -1,0 +1,53 @@
+"""Test events: a small event sent to one destination so staff can check it works."""
+
+from functools import partial
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.utils import timezone
+
+from destinations.models import Destination
+
+from .ids import new_ulid
+from .models import Delivery, Event
+from .tasks import send_delivery
+
+TEST_EVENT_TYPE = "PORTAL_TEST"
+
+
+def send_test_event(
+    destination: Destination,
+    requested_by: AbstractBaseUser | AnonymousUser | None,
+) -> Delivery:
+    """Record a test event for `destination` and queue its delivery after commit.
+
+    A disabled destination gets one too, so staff can check it before enabling it.
+    Test events go to this destination only, never to the application's others.
+    `requested_by` is None when no user asked, as from a command.
+    """
+    now = timezone.now()
+    username = requested_by.get_username() if requested_by is not None else ""
+    with transaction.atomic():
+        event = Event.objects.create(
+            id=new_ulid(),
+            application=destination.application,
+            stage=destination.stage,
+            type=TEST_EVENT_TYPE,
+            object_key=f"test/{destination.pk}",
+            time=now,
+            data={
+                "message": "A test event from the destinations portal.",
+                "destination": destination.name,
+                "application": destination.application.slug,
+                "stage": destination.stage,
+                "requested_by": username,
+            },
+            is_test=True,
+        )
+        delivery = Delivery.objects.create(
+            event=event, destination=destination, next_attempt_at=now
+        )
+        # robust: a broker that is down must not turn a committed request into an
+        # error page. Django logs the error, and the delivery stays pending.
+        transaction.on_commit(partial(send_delivery.delay, delivery.pk), robust=True)
+    return delivery
