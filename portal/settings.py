@@ -139,6 +139,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
+        # Kombu's default is a "control" folder in the working directory.
+        "control_folder": str(_broker_dir / "control"),
         "polling_interval": 0.2,
     }
 CELERY_TASK_IGNORE_RESULT = True

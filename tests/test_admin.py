@@ -137,6 +137,7 @@ def test_add_servicebus_encrypts_connection_string(
         "servicebus_connection_string": CONNECTION_STRING,
         "servicebus_entity_type": "queue",
         "servicebus_entity_name": "orders",
+        "servicebus_max_message_size": "262144",
     }
 
     response = admin_client.post(f"{ADD_URL}?kind=servicebus", form)
@@ -158,6 +159,7 @@ def test_change_with_blank_secret_keeps_stored_one(
         "servicebus_connection_string": "",
         "servicebus_entity_type": "queue",
         "servicebus_entity_name": "orders",
+        "servicebus_max_message_size": "262144",
     }
 
     response = admin_client.post(change_url(servicebus_destination), form)
