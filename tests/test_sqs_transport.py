@@ -6,6 +6,7 @@ in a Celery worker process.
 
 import json
 import logging
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +28,10 @@ from delivery.models import Attempt, Delivery, DeliveryStatus, Event, Outcome
 from delivery.peers.sqs import (
     FAKE_ACCESS_KEY_ID,
     FAKE_SECRET_ACCESS_KEY,
+    create_queue,
     free_port,
     sqs_client,
+    start_sqs_peer,
 )
 from delivery.transports import (
     TRANSPORTS,
@@ -411,6 +414,24 @@ def test_invalid_utf8_body_is_rejected(
     assert results[0].blame == Blame.MESSAGE
     assert "not valid UTF-8" in results[0].message
     assert queue.receive() == []
+
+
+def test_subprocess_peer_serves_sqs() -> None:
+    peer = start_sqs_peer(in_process=False)
+    try:
+        queue_url = create_queue(peer.endpoint_url, "subprocess-peer")
+        client = sqs_client(peer.endpoint_url)
+        client.send_message(QueueUrl=queue_url, MessageBody="hello")
+        received = client.receive_message(QueueUrl=queue_url)["Messages"]
+        assert [message["Body"] for message in received] == ["hello"]
+
+        peer.reset()
+
+        assert "QueueUrls" not in client.list_queues()
+    finally:
+        peer.stop()
+    with pytest.raises(OSError):
+        socket.create_connection((peer.host, peer.port), timeout=1)
 
 
 # The engine.
