@@ -6,6 +6,7 @@ decrypts, which lets an operator add a new key in front, re-encrypt with
 """
 
 from functools import cache
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
@@ -29,8 +30,8 @@ def parse_keys(values: list[str]) -> list[Fernet]:
     """Build one Fernet per configured key, naming the position of a bad one."""
     if not values:
         raise EncryptionKeyError(
-            "ENCRYPTION_KEYS is empty. Generate a key with `python -c \"from "
-            "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())\"`"
+            'ENCRYPTION_KEYS is empty. Generate a key with `python -c "from '
+            'cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`'
             " and set ENCRYPTION_KEYS to it."
         )
 
@@ -41,8 +42,9 @@ def parse_keys(values: list[str]) -> list[Fernet]:
         except ValueError as error:
             # The value itself is a secret: name its position, never its text.
             raise EncryptionKeyError(
-                f"ENCRYPTION_KEYS entry {position} is not a Fernet key ({error}). Each"
-                " entry must be 32 bytes in URL-safe base64, 44 characters long."
+                f"ENCRYPTION_KEYS entry {position} is not a Fernet key: "
+                f"{str(error).rstrip('.')}. Each entry must be 32 bytes in URL-safe "
+                "base64, 44 characters long."
             ) from error
     return fernets
 
@@ -78,7 +80,7 @@ class EncryptedTextField(models.TextField):
     finds every field of this class across all models.
     """
 
-    def formfield(self, **kwargs):  # type: ignore[no-untyped-def]
+    def formfield(self, **kwargs: Any) -> None:
         # Admin forms get a write-only field of their own; the token is never a form
         # value.
         return None
