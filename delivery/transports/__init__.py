@@ -32,4 +32,5 @@ __all__ = [
 
 # Each kind's module registers its transport when imported, so it comes after
 # `register` exists.
+from . import pubsub  # noqa: E402, F401, I001
 from . import sqs  # noqa: E402, F401
