@@ -1,14 +1,15 @@
 """Events, their deliveries to destinations, and every attempt to send one."""
 
 import json
-from datetime import UTC
+from datetime import UTC, datetime
+from typing import Any
 
 from django.db import models
 
 from destinations.models import Application, Destination, Stage
 
 
-def format_time(value) -> str:  # type: ignore[no-untyped-def]
+def format_time(value: datetime) -> str:
     """Format a datetime as the platform does: UTC, milliseconds, a trailing Z."""
     utc = value.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
@@ -37,7 +38,7 @@ class Event(models.Model):
     def __str__(self) -> str:
         return f"{self.type} {self.id}"
 
-    def envelope(self) -> dict:  # type: ignore[type-arg]
+    def envelope(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "time": format_time(self.time),

@@ -22,7 +22,7 @@ from .models import Application, Destination, Kind
 
 
 @admin.register(Application)
-class ApplicationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ApplicationAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "destination_count", "contact_emails")
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}
@@ -36,7 +36,7 @@ class ApplicationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return int(application.destinations__count)
 
 
-def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet:  # type: ignore[type-arg]
+def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet[Any]:
     return model.objects.filter(
         **{f"{prefix}destination": OuterRef("pk"), f"{prefix}event__is_test": True}
     )
@@ -46,7 +46,7 @@ SEND_TEST_HELP = "Sends a test event now; its result appears here once the worke
 
 
 @admin.register(Destination)
-class DestinationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class DestinationAdmin(admin.ModelAdmin):
     form = DestinationForm
     list_display = (
         "name",
@@ -244,7 +244,13 @@ class DestinationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             return HttpResponseNotAllowed(["POST"])
         destination = self.get_object(request, unquote(object_id))
         if destination is None:
-            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+            self.message_user(
+                request,
+                f"No destination with ID {object_id!r} exists; it may have been "
+                "deleted.",
+                messages.WARNING,
+            )
+            return redirect(reverse("admin:destinations_destination_changelist"))
         if not self.has_change_permission(request, destination):
             raise PermissionDenied
 

@@ -35,7 +35,7 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 SECRET_FIELDS = ("servicebus_connection_string",)
 
 
-class DestinationForm(forms.ModelForm):  # type: ignore[type-arg]
+class DestinationForm(forms.ModelForm):
     # Write-only: the stored value is a Fernet token and is never rendered back.
     servicebus_connection_string = forms.CharField(
         label="Connection string",

@@ -195,6 +195,22 @@ class Destination(models.Model):
     def __str__(self) -> str:
         return f"{self.application} / {self.stage} / {self.name}"
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # Every save validates, so destinations created in code or by commands obey
+        # the same rules as the admin form.
+        self.full_clean()
+        if self._new_connection_string is not None:
+            self.servicebus_connection_string = encryption.encrypt(
+                self._new_connection_string.strip()
+            )
+            self._new_connection_string = None
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        from .validation import validate_destination
+
+        validate_destination(self)
+
     def set_connection_string(self, plaintext: str) -> None:
         """Replace the Service Bus connection string; it is parsed by `clean()` and
         encrypted by `save()`."""
@@ -227,19 +243,3 @@ class Destination(models.Model):
             f"{self.servicebus_entity_name} (key {self.servicebus_key_name}, secret "
             "hidden)"
         )
-
-    def clean(self) -> None:
-        from .validation import validate_destination
-
-        validate_destination(self)
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        # Every save validates, so destinations created in code or by commands obey
-        # the same rules as the admin form.
-        self.full_clean()
-        if self._new_connection_string is not None:
-            self.servicebus_connection_string = encryption.encrypt(
-                self._new_connection_string.strip()
-            )
-            self._new_connection_string = None
-        super().save(*args, **kwargs)

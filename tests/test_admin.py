@@ -1,5 +1,7 @@
 """The staff admin: one form per kind, write-only secrets, columns and actions."""
 
+from typing import Any
+
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
@@ -243,7 +245,7 @@ def test_bulk_send_test_reports_queued_count(
     admin_client: Client,
     sqs_destination: Destination,
     servicebus_destination: Destination,
-    django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
+    django_capture_on_commit_callbacks: Any,
 ) -> None:
     selected = [str(sqs_destination.pk), str(servicebus_destination.pk)]
 
@@ -271,7 +273,7 @@ def test_send_test_button_needs_post(
 def test_send_test_button_queues_one_delivery(
     admin_client: Client,
     sqs_destination: Destination,
-    django_capture_on_commit_callbacks,  # type: ignore[no-untyped-def]
+    django_capture_on_commit_callbacks: Any,
 ) -> None:
     url = reverse("admin:destinations_destination_send_test", args=[sqs_destination.pk])
 
