@@ -6,27 +6,39 @@ not installed. `local_pubsub_peer` is for tests that need the peer's failure swi
 limits, which the emulator lacks.
 """
 
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 import pytest
 from google.pubsub_v1 import types
 from pytest_django import Settings
 
 from delivery.peers.pubsub import (
-    EmulatorNotInstalledError,
-    OfficialEmulator,
     PubSubPeer,
     create_subscription,
     create_topic,
+    free_port,
     pull_messages,
-    start_official_emulator,
     start_pubsub_peer,
+    stop_process,
+    wait_until_ready,
 )
 
 PUBSUB_PROJECT = "portal-tests"
 TEST_SERVICE_ACCOUNT = "events-test@platform-project.iam.gserviceaccount.com"
+EMULATOR_PACKAGE = "google-cloud-cli-pubsub-emulator"
+# Where the package puts the launcher, for systems where dpkg cannot list it.
+EMULATOR_LAUNCHER = Path(
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,114 @@ def new_topic(endpoint: str, *, ordering: bool = True) -> PubSubTopic:
         endpoint, path, f"reader-{suffix}", ordering=ordering
     )
     return PubSubTopic(endpoint, PUBSUB_PROJECT, topic_id, path, subscription)
+
+
+# Google's emulator, the reference the local peer is tested against.
+
+
+class EmulatorNotInstalledError(RuntimeError):
+    """Google's Pub/Sub emulator, or the Java runtime it needs, is missing."""
+
+
+@dataclass
+class OfficialEmulator:
+    """A running Google Pub/Sub emulator; `stop()` ends it and removes its folder."""
+
+    host: str
+    port: int
+    _process: subprocess.Popen[bytes] = field(repr=False)
+    _log: IO[bytes] = field(repr=False)
+    _data_dir: tempfile.TemporaryDirectory[str] = field(repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self._process)
+        self._log.close()
+        self._data_dir.cleanup()
+
+
+def official_emulator_launcher() -> Path:
+    """Return the path of Google's emulator launcher, or raise
+    EmulatorNotInstalledError saying what is missing."""
+    launcher = _launcher_from_dpkg() or EMULATOR_LAUNCHER
+    if not launcher.is_file():
+        raise EmulatorNotInstalledError(
+            f"Google's Pub/Sub emulator is not installed: {launcher} does not exist. "
+            f"Install the Debian package {EMULATOR_PACKAGE} to run the tests "
+            "against it."
+        )
+    if shutil.which("java") is None:
+        raise EmulatorNotInstalledError(
+            "Google's Pub/Sub emulator needs a Java runtime, and java is not on PATH."
+        )
+    return launcher
+
+
+def _launcher_from_dpkg() -> Path | None:
+    if shutil.which("dpkg") is None:
+        return None
+    listing = subprocess.run(
+        ["dpkg", "-L", EMULATOR_PACKAGE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for line in listing.stdout.splitlines():
+        if line.endswith("/bin/cloud-pubsub-emulator"):
+            return Path(line)
+    return None
+
+
+def start_official_emulator(
+    host: str = "127.0.0.1", port: int = 0, timeout: float = 90.0
+) -> OfficialEmulator:
+    """Start Google's emulator on `host`:`port` with a fresh data folder.
+
+    It listens on an IPv4-mapped IPv6 socket, and returns "Ok" for GET / once ready.
+    """
+    launcher = official_emulator_launcher()
+    if port == 0:
+        port = free_port(host)
+    data_dir = tempfile.TemporaryDirectory(prefix="pubsub-emulator-")
+    environment = {
+        **os.environ,
+        # The launcher passes these options to the JVM; its temporary files then
+        # go with the data folder.
+        "CLOUD_PUBSUB_EMULATOR_OPTS": f"-Djava.io.tmpdir={data_dir.name}",
+    }
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by OfficialEmulator.stop()
+    process = subprocess.Popen(
+        [str(launcher), f"--host={host}", f"--port={port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=data_dir.name,
+        env=environment,
+    )
+    emulator = OfficialEmulator(
+        host=host, port=port, _process=process, _log=log, _data_dir=data_dir
+    )
+    wait_until_ready(
+        "Google's Pub/Sub emulator",
+        process,
+        log,
+        lambda: _answers_ok(host, port),
+        timeout,
+        on_failure=emulator.stop,
+    )
+    return emulator
+
+
+def _answers_ok(host: str, port: int) -> bool:
+    # No proxy handler, so an http_proxy variable cannot send the probe elsewhere.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{host}:{port}/", timeout=2) as response:
+            return bool(response.read().strip() == b"Ok")
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")

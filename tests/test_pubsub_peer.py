@@ -26,13 +26,22 @@ from delivery.peers.pubsub import (
 
 from .pubsub_fixtures import PUBSUB_PROJECT, PubSubTarget, PubSubTopic, new_topic
 
+# gRPC reads these, and a proxy would take the client's requests away from 127.0.0.1.
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
+
+
+def set_emulator_host(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", endpoint)
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
 
 @pytest.fixture
 def emulator_host(
     pubsub_peer: PubSubTarget, monkeypatch: pytest.MonkeyPatch
 ) -> PubSubTarget:
     """Point clients built in the test at the server through PUBSUB_EMULATOR_HOST."""
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_peer.endpoint)
+    set_emulator_host(monkeypatch, pubsub_peer.endpoint)
     return pubsub_peer
 
 
@@ -40,7 +49,7 @@ def emulator_host(
 def local_emulator_host(
     local_pubsub_peer: PubSubPeer, monkeypatch: pytest.MonkeyPatch
 ) -> PubSubPeer:
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", local_pubsub_peer.endpoint)
+    set_emulator_host(monkeypatch, local_pubsub_peer.endpoint)
     return local_pubsub_peer
 
 

@@ -18,9 +18,7 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -63,9 +60,13 @@ PULL_WAIT_SECONDS = 1.0
 # gRPC's default 4 MiB receive limit would reject a valid 10 MB publish before the
 # peer could check it and return INVALID_ARGUMENT as Pub/Sub does.
 MAX_GRPC_MESSAGE_BYTES = 32 * 1024 * 1024
+# Options of the clients' channels to a peer or emulator. The size caps are lifted as
+# google-cloud-pubsub lifts them on its own channels.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    # A local server is reached directly, never through an http_proxy variable.
+    ("grpc.enable_http_proxy", 0),
 ]
 
 # The peer's own service for tests and scripts that run it in another process.
@@ -91,11 +92,6 @@ DEFAULT_FAILURE_DETAILS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "Deadline exceeded.",
     grpc.StatusCode.INTERNAL: "An internal error occurred.",
 }
-
-EMULATOR_PACKAGE = "google-cloud-cli-pubsub-emulator"
-EMULATOR_LAUNCHER = Path(
-    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
-)
 
 
 class PeerError(Exception):
@@ -734,7 +730,7 @@ class PubSubPeer:
             self._server.stop(grace=None).wait()
             self._server = None
         if self._process is not None:
-            _end(self._process)
+            stop_process(self._process)
             self._process = None
         if self._log is not None:
             self._log.close()
@@ -807,7 +803,7 @@ def _start_subprocess(host: str, port: int, timeout: float = 30.0) -> PubSubPeer
         cwd=project_root,
     )
     peer = PubSubPeer(host=host, port=port, _process=process, _log=log)
-    _wait_until_ready(
+    wait_until_ready(
         "The Pub/Sub peer",
         process,
         log,
@@ -818,7 +814,7 @@ def _start_subprocess(host: str, port: int, timeout: float = 30.0) -> PubSubPeer
     return peer
 
 
-def _wait_until_ready(
+def wait_until_ready(
     name: str,
     process: subprocess.Popen[bytes],
     log: IO[bytes],
@@ -851,7 +847,8 @@ def _accepts_connections(host: str, port: int) -> bool:
         return False
 
 
-def _end(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a child process, kill it if it outlives 10 s, and reap it."""
     if process.poll() is None:
         process.terminate()
     try:
@@ -866,113 +863,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
-
-
-# Google's emulator, the reference this peer is tested against.
-
-
-class EmulatorNotInstalledError(RuntimeError):
-    """Google's Pub/Sub emulator, or the Java runtime it needs, is missing."""
-
-
-@dataclass
-class OfficialEmulator:
-    """A running Google Pub/Sub emulator; `stop()` ends it and removes its folder."""
-
-    host: str
-    port: int
-    _process: subprocess.Popen[bytes] = field(repr=False)
-    _log: IO[bytes] = field(repr=False)
-    _data_dir: tempfile.TemporaryDirectory[str] = field(repr=False)
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        _end(self._process)
-        self._log.close()
-        self._data_dir.cleanup()
-
-
-def official_emulator_launcher() -> Path:
-    """Return the path of Google's emulator launcher, or raise
-    EmulatorNotInstalledError saying what is missing."""
-    launcher = _launcher_from_dpkg() or EMULATOR_LAUNCHER
-    if not launcher.is_file():
-        raise EmulatorNotInstalledError(
-            f"Google's Pub/Sub emulator is not installed: {launcher} does not exist. "
-            f"Install the Debian package {EMULATOR_PACKAGE} to run the tests "
-            "against it."
-        )
-    if shutil.which("java") is None:
-        raise EmulatorNotInstalledError(
-            "Google's Pub/Sub emulator needs a Java runtime, and java is not on PATH."
-        )
-    return launcher
-
-
-def _launcher_from_dpkg() -> Path | None:
-    if shutil.which("dpkg") is None:
-        return None
-    listing = subprocess.run(
-        ["dpkg", "-L", EMULATOR_PACKAGE],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    for line in listing.stdout.splitlines():
-        if line.endswith("/bin/cloud-pubsub-emulator"):
-            return Path(line)
-    return None
-
-
-def start_official_emulator(
-    host: str = "127.0.0.1", port: int = 0, timeout: float = 90.0
-) -> OfficialEmulator:
-    """Start Google's emulator on `host`:`port` with a fresh data folder.
-
-    It listens on an IPv4-mapped IPv6 socket, and returns "Ok" for GET / once ready.
-    """
-    launcher = official_emulator_launcher()
-    if port == 0:
-        port = free_port(host)
-    data_dir = tempfile.TemporaryDirectory(prefix="pubsub-emulator-")
-    environment = {
-        **os.environ,
-        # The launcher passes these options to the JVM; its temporary files then
-        # go with the data folder.
-        "CLOUD_PUBSUB_EMULATOR_OPTS": f"-Djava.io.tmpdir={data_dir.name}",
-    }
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by OfficialEmulator.stop()
-    process = subprocess.Popen(
-        [str(launcher), f"--host={host}", f"--port={port}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=data_dir.name,
-        env=environment,
-    )
-    emulator = OfficialEmulator(
-        host=host, port=port, _process=process, _log=log, _data_dir=data_dir
-    )
-    _wait_until_ready(
-        "Google's Pub/Sub emulator",
-        process,
-        log,
-        lambda: _answers_ok(host, port),
-        timeout,
-        on_failure=emulator.stop,
-    )
-    return emulator
-
-
-def _answers_ok(host: str, port: int) -> bool:
-    url = f"http://{host}:{port}/"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.read().strip() == b"Ok")
-    except OSError:
-        return False
 
 
 # Clients for tests and scripts, connected without PUBSUB_EMULATOR_HOST.
@@ -1112,8 +1002,6 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_ORDERING_KEY_BYTES",
     "MAX_REQUEST_BYTES",
-    "EmulatorNotInstalledError",
-    "OfficialEmulator",
     "PeerError",
     "PeerState",
     "PubSubPeer",
@@ -1123,13 +1011,13 @@ __all__ = [
     "create_subscription",
     "create_topic",
     "free_port",
-    "official_emulator_launcher",
     "peer_environment",
     "publisher_client",
     "pull_messages",
-    "start_official_emulator",
     "start_pubsub_peer",
+    "stop_process",
     "subscriber_client",
+    "wait_until_ready",
 ]
 
 

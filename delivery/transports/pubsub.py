@@ -71,10 +71,13 @@ _TRANSIENT_ERRORS = (
 _MESSAGE_PROBLEM = re.compile(
     r"attribute|message|ordering.?key|payload|too large|size|data|empty", re.I
 )
-# The channel options google-cloud-pubsub uses for its own channels.
-_CHANNEL_OPTIONS = [
+# Options of the plaintext channel to an emulator host. The size caps are lifted as
+# google-cloud-pubsub lifts them on its own channels.
+_EMULATOR_CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    # A local server is reached directly, never through an http_proxy variable.
+    ("grpc.enable_http_proxy", 0),
 ]
 
 
@@ -166,7 +169,7 @@ def _new_client(
         # credentials. Setting the variable would change every client in the process,
         # the other stage's included.
         channel = grpc.insecure_channel(
-            identity.emulator_host, options=_CHANNEL_OPTIONS
+            identity.emulator_host, options=_EMULATOR_CHANNEL_OPTIONS
         )
         transport = PublisherGrpcTransport(host=identity.emulator_host, channel=channel)
         return pubsub_v1.PublisherClient(publisher_options=options, transport=transport)
