@@ -44,8 +44,8 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 
 logger = logging.getLogger(__name__)
 
-# Pub/Sub's resource limits, from its "Quotas and limits" page. google-cloud-pubsub
-# 2.44 checks the same request limit before it sends (_SERVER_PUBLISH_MAX_BYTES).
+# Pub/Sub's limits for one message and one publish request. google-cloud-pubsub 2.44
+# checks the same request limit before it sends (_SERVER_PUBLISH_MAX_BYTES).
 MAX_REQUEST_BYTES = 10_000_000
 MAX_MESSAGE_BYTES = 10_000_000
 MAX_ATTRIBUTES = 100
@@ -53,6 +53,7 @@ MAX_ATTRIBUTE_KEY_BYTES = 256
 MAX_ATTRIBUTE_VALUE_BYTES = 1_024
 MAX_ORDERING_KEY_BYTES = 1_024
 
+# Subscription.ack_deadline_seconds: 0 means the default, else 10 to 600 seconds.
 DEFAULT_ACK_DEADLINE_SECONDS = 10
 MAX_ACK_DEADLINE_SECONDS = 600
 # How long a Pull waits for a message before it returns an empty response.
@@ -73,7 +74,7 @@ CHANNEL_OPTIONS = [
 ADMIN_SERVICE = "portal.pubsubpeer.v1.Admin"
 
 # Topic and subscription IDs: 3 to 255 characters, starting with a letter, and not
-# starting with "goog" (resource names in the Pub/Sub documentation).
+# starting with "goog" (Topic.name and Subscription.name in google.pubsub_v1.types).
 _RESOURCE_ID = r"(?!goog)[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}"
 TOPIC_NAME_RE = re.compile(
     rf"projects/(?P<project>[^/]+)/topics/(?P<id>{_RESOURCE_ID})"

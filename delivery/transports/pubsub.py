@@ -40,8 +40,8 @@ from .base import Blame, Failure, OutgoingMessage, Result, Sent, Transport
 
 logger = logging.getLogger(__name__)
 
-# Pub/Sub's resource limits, from its "Quotas and limits" page. google-cloud-pubsub
-# 2.44 checks the same request limit before it sends (_SERVER_PUBLISH_MAX_BYTES).
+# Pub/Sub's limits for one message and one publish request. google-cloud-pubsub 2.44
+# checks the same request limit before it sends (_SERVER_PUBLISH_MAX_BYTES).
 MAX_REQUEST_BYTES = 10_000_000
 MAX_ATTRIBUTES = 100
 MAX_ATTRIBUTE_KEY_BYTES = 256
