@@ -1,94 +1,190 @@
-"""The delivery engine: claim a delivery, send it through its transport, record the
-attempt.
+"""The delivery engine: claim due deliveries, send them in batches per destination,
+record every attempt, and decide what happens next.
 
-The database row is the only record that counts. A broker message that arrives twice
-finds the delivery already claimed and does nothing.
+The database is the only record that counts. A broker message only wakes a worker;
+one that is lost or arrives twice changes nothing but latency, because deliveries are
+claimed from the table with a lease and the periodic sweep re-wakes workers.
 """
 
 import logging
+import os
+import socket
 import time
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from itertools import groupby
 
+from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from .models import Attempt, Delivery, DeliveryStatus, Outcome
+from destinations.models import Destination
+
+from . import health
+from .models import UNFINISHED, Attempt, Delivery, DeliveryStatus, Outcome
+from .retry import retry_deadline, retry_delay
 from .transports import Blame, Failure, OutgoingMessage, Result, Sent, transport_for
 
 logger = logging.getLogger(__name__)
 
 
-def deliver(delivery_id: int) -> None:
-    """Send delivery `delivery_id` once if it is pending, and record the attempt."""
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(worker: str, limit: int) -> list[Delivery]:
+    """Lease up to `limit` due deliveries to `worker` and return them.
+
+    For a destination that keeps order, only the head of each ordering key is due:
+    a delivery waits while an earlier one of the same key is unfinished. On
+    PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint rows.
+    SQLite ignores it, but this project opens SQLite transactions with BEGIN
+    IMMEDIATE, which serialises claims between processes instead.
+    """
+    now = timezone.now()
+    earlier_unfinished = Delivery.objects.filter(
+        destination=OuterRef("destination"),
+        ordering_key=OuterRef("ordering_key"),
+        pk__lt=OuterRef("pk"),
+        status__in=UNFINISHED,
+    )
+    # Test events go out even to a paused or disabled destination: staff send them
+    # to check a destination before enabling it.
+    sendable = Q(is_test=True) | Q(
+        destination__enabled=True, destination__paused_at__isnull=True
+    )
+    due = (
+        Delivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+        .filter(sendable)
+        .filter(Q(ordering_key="") | ~Exists(earlier_unfinished))
+        .order_by("next_attempt_at", "pk")
+    )
+
+    with transaction.atomic():
+        locked = due.select_for_update(skip_locked=True, of=("self",))
+        ids = list(locked.values_list("pk", flat=True)[:limit])
+        if not ids:
+            return []
+        Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.PENDING).update(
+            status=DeliveryStatus.SENDING,
+            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
+            claimed_by=worker,
+            updated_at=now,
+        )
+
+    claimed = Delivery.objects.filter(
+        pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+    )
+    return list(
+        claimed.select_related("event", "destination", "destination__application")
+    )
+
+
+def deliver(delivery_id: int, worker: str | None = None) -> bool:
+    """Claim and send one delivery now if it is pending; return whether it was.
+
+    This skips the ordering check and the destination's pause: it is for sending
+    one chosen delivery, as a test does, not for the normal flow.
+    """
+    worker = worker or worker_name()
+    now = timezone.now()
     claimed = Delivery.objects.filter(
         pk=delivery_id, status=DeliveryStatus.PENDING
-    ).update(status=DeliveryStatus.SENDING, updated_at=timezone.now())
+    ).update(
+        status=DeliveryStatus.SENDING,
+        lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
+        claimed_by=worker,
+        updated_at=now,
+    )
     if not claimed:
-        logger.info(
-            "Delivery %s is not pending (another worker has it, or it is done)",
-            delivery_id,
-        )
-        return
-
+        logger.info("Delivery %s is not pending; nothing to send", delivery_id)
+        return False
     delivery = Delivery.objects.select_related(
         "event", "destination", "destination__application"
     ).get(pk=delivery_id)
-    logger.info(
-        "Sending event %s to destination %s (delivery %s)",
-        delivery.event_id,
-        delivery.destination_id,
-        delivery.pk,
-    )
+    send_batch(worker, [delivery])
+    return True
 
+
+def run_once(worker: str, limit: int | None = None) -> int:
+    """Claim one batch of due deliveries, send it, and return how many were sent."""
+    deliveries = claim(worker, limit or settings.DELIVERY_CLAIM_SIZE)
+    deliveries.sort(key=lambda delivery: (delivery.destination_id, delivery.pk))
+    for _, group in groupby(deliveries, key=lambda delivery: delivery.destination_id):
+        send_batch(worker, list(group))
+    return len(deliveries)
+
+
+def drain(worker: str, budget_seconds: float) -> bool:
+    """Send due deliveries until none is left or the budget is spent.
+
+    Return True when work may be left, so the caller can queue another round and
+    let other tasks of this worker run in between.
+    """
+    deadline = time.monotonic() + budget_seconds
+    while time.monotonic() < deadline:
+        if run_once(worker) == 0:
+            return False
+    return True
+
+
+def send_batch(worker: str, deliveries: Sequence[Delivery]) -> None:
+    """Send deliveries of one destination in one transport call, and record them."""
+    destination = deliveries[0].destination
+    messages = [
+        OutgoingMessage(
+            event_id=delivery.event.id,
+            event_type=delivery.event.type,
+            object_key=delivery.ordering_key or delivery.event.object_key,
+            body=delivery.event.body(),
+        )
+        for delivery in deliveries
+    ]
+    logger.info(
+        "Sending %d events to destination %s: %s",
+        len(messages),
+        destination.pk,
+        _ids(messages),
+    )
     started_at = timezone.now()
     start = time.monotonic()
-    result = _send(delivery)
+    results = _send(destination, messages)
     duration_ms = round((time.monotonic() - start) * 1000)
-    _record(delivery, result, started_at, duration_ms)
+    record(worker, destination, deliveries, results, started_at, duration_ms)
 
 
-def _send(delivery: Delivery) -> Result:
-    """Send `delivery` through its destination's transport and return the result.
-
-    An Exception raised by the transport becomes a transient internal error.
+def _send(destination: Destination, messages: list[OutgoingMessage]) -> list[Result]:
+    """Send through the destination's transport; an exception becomes a transient
+    failure of every message, because transports report expected errors as results.
     """
-    destination = delivery.destination
-    event = delivery.event
     try:
         transport = transport_for(destination)
         if transport is None:
-            return Failure(
+            failure = Failure(
                 kind="not_available",
                 message=(
-                    f"Sending to {destination.get_kind_display()} is not available yet."
+                    f"Sending to {destination.get_kind_display()} is not available."
                 ),
                 permanent=True,
                 blame=Blame.DESTINATION,
             )
+            return [failure] * len(messages)
 
-        message = OutgoingMessage(
-            event_id=event.id,
-            event_type=event.type,
-            object_key=event.object_key,
-            body=event.body(),
-        )
-        results = transport.send([message])
-        if len(results) != 1:
-            raise RuntimeError(f"the transport returned {len(results)} results for 1")
-        return results[0]
+        results = transport.send(messages)
+        if len(results) != len(messages):
+            raise RuntimeError(
+                f"the transport returned {len(results)} results for {len(messages)}"
+            )
+        return results
     except Exception as error:
-        # Transports report expected failures as results, so this is a bug or an
-        # outage the transport did not foresee. The exception's text is logged for
-        # the operators; the attempt shows only its class.
         logger.exception(
-            "Sending event %s to destination %s (delivery %s) raised %s",
-            event.id,
+            "Sending events %s to destination %s raised %s",
+            _ids(messages),
             destination.pk,
-            delivery.pk,
             type(error).__name__,
         )
-        return Failure(
+        failure = Failure(
             kind="internal_error",
             message=(
                 f"The platform failed while sending ({type(error).__name__}). Its "
@@ -96,59 +192,157 @@ def _send(delivery: Delivery) -> Result:
             ),
             permanent=False,
         )
+        return [failure] * len(messages)
 
 
-def _record(
-    delivery: Delivery, result: Result, started_at: datetime, duration_ms: int
+def _ids(messages: Sequence[OutgoingMessage], shown: int = 10) -> str:
+    ids = ", ".join(message.event_id for message in messages[:shown])
+    hidden = len(messages) - shown
+    return f"{ids} and {hidden} more" if hidden > 0 else ids
+
+
+def record(
+    worker: str,
+    destination: Destination,
+    deliveries: Sequence[Delivery],
+    results: Sequence[Result],
+    started_at: datetime,
+    duration_ms: int,
 ) -> None:
-    """Store the attempt and the delivery's new status together."""
-    if isinstance(result, Sent):
-        outcome = Outcome.SUCCESS
-        status = DeliveryStatus.DELIVERED
-        attempt_fields = {"remote_message_id": result.remote_message_id}
-    else:
-        outcome = (
-            Outcome.PERMANENT_ERROR if result.permanent else Outcome.TRANSIENT_ERROR
-        )
-        # NOTE: every failure ends the delivery for now, which is right for test
-        # events (sent once). The retry engine belongs here: a transient failure of
-        # a real event should set next_attempt_at and return the delivery to
-        # pending, and a failure the destination is blamed for should pause it.
-        status = DeliveryStatus.FAILED
-        attempt_fields = {"error_kind": result.kind, "message": result.message}
+    """Store one attempt per delivery, move each delivery on, and update the
+    destination's health, in one transaction."""
+    now = timezone.now()
+    attempts = []
+    outcome_of_destination = health.BatchOutcome()
 
     with transaction.atomic():
-        Attempt.objects.create(
-            delivery=delivery,
-            started_at=started_at,
-            duration_ms=duration_ms,
-            outcome=outcome,
-            **attempt_fields,
+        for delivery, result in zip(deliveries, results, strict=True):
+            attempts.append(_attempt(delivery, result, started_at, duration_ms))
+            changes = _next_state(delivery, result, now)
+            # The lease guard: if this worker's lease expired and another worker
+            # took the delivery over, its outcome is that worker's to record.
+            Delivery.objects.filter(
+                pk=delivery.pk, status=DeliveryStatus.SENDING, claimed_by=worker
+            ).update(**changes, lease_expires_at=None, claimed_by="", updated_at=now)
+            if not delivery.is_test:
+                outcome_of_destination.add(result)
+            _log(delivery, result, duration_ms)
+
+        Attempt.objects.bulk_create(attempts)
+        if outcome_of_destination:
+            health.apply(destination, outcome_of_destination, now)
+
+
+def _attempt(
+    delivery: Delivery, result: Result, started_at: datetime, duration_ms: int
+) -> Attempt:
+    attempt = Attempt(delivery=delivery, started_at=started_at, duration_ms=duration_ms)
+    if isinstance(result, Sent):
+        attempt.outcome = Outcome.SUCCESS
+        attempt.remote_message_id = result.remote_message_id
+    else:
+        attempt.outcome = (
+            Outcome.PERMANENT_ERROR if result.permanent else Outcome.TRANSIENT_ERROR
         )
-        Delivery.objects.filter(pk=delivery.pk).update(
-            status=status,
-            attempt_count=F("attempt_count") + 1,
-            next_attempt_at=None,
-            updated_at=timezone.now(),
-        )
+        attempt.error_kind = result.kind
+        attempt.message = result.message
+    return attempt
+
+
+def _next_state(delivery: Delivery, result: Result, now: datetime) -> dict[str, object]:
+    """Return the delivery's new field values after `result`."""
+    attempt_count = delivery.attempt_count + 1
+    delivered = {"status": DeliveryStatus.DELIVERED, "next_attempt_at": None}
+    failed = {"status": DeliveryStatus.FAILED, "next_attempt_at": None}
 
     if isinstance(result, Sent):
+        return {**delivered, "attempt_count": attempt_count}
+    # A test event is sent once: staff want its result now, not a retry later.
+    if delivery.is_test:
+        return {**failed, "attempt_count": attempt_count}
+    if result.permanent and result.blame != Blame.DESTINATION:
+        return {**failed, "attempt_count": attempt_count}
+
+    destination = delivery.destination
+    if result.permanent:
+        # The destination is paused; this delivery stays first in line and goes out
+        # as soon as the destination is enabled again.
+        return {
+            "status": DeliveryStatus.PENDING,
+            "next_attempt_at": now,
+            "attempt_count": attempt_count,
+        }
+    if now >= retry_deadline(destination, delivery.scheduled_at):
+        return {**failed, "attempt_count": attempt_count}
+    return {
+        "status": DeliveryStatus.PENDING,
+        "next_attempt_at": now + retry_delay(destination, attempt_count),
+        "attempt_count": attempt_count,
+    }
+
+
+def _log(delivery: Delivery, result: Result, duration_ms: int) -> None:
+    if isinstance(result, Sent):
         logger.info(
-            "Delivered event %s to destination %s (delivery %s) in %d ms as message %s",
+            "Delivered event %s to destination %s (delivery %s) in %d ms as %s",
             delivery.event_id,
             delivery.destination_id,
             delivery.pk,
             duration_ms,
             result.remote_message_id,
         )
-    else:
-        logger.info(
-            "Failed to deliver event %s to destination %s (delivery %s) in %d ms: "
-            "%s %s",
-            delivery.event_id,
-            delivery.destination_id,
-            delivery.pk,
-            duration_ms,
-            outcome,
-            result.kind,
+        return
+    logger.warning(
+        "Delivery %s of event %s to destination %s failed (%s, %s): %s",
+        delivery.pk,
+        delivery.event_id,
+        delivery.destination_id,
+        "permanent" if result.permanent else "transient",
+        result.kind,
+        result.message,
+    )
+
+
+def release_expired_leases() -> int:
+    """Return deliveries whose worker vanished to pending, and count them.
+
+    The worker may have sent the message before it died, so the next attempt can
+    be a duplicate; it carries the same event id (and SQS deduplication id).
+    """
+    now = timezone.now()
+    released = 0
+    with transaction.atomic():
+        expired = Delivery.objects.filter(
+            status=DeliveryStatus.SENDING, lease_expires_at__lt=now
+        ).select_for_update(skip_locked=True)
+        for delivery in expired:
+            Attempt.objects.create(
+                delivery=delivery,
+                started_at=delivery.updated_at,
+                duration_ms=round((now - delivery.updated_at).total_seconds() * 1000),
+                outcome=Outcome.TRANSIENT_ERROR,
+                error_kind="lease_expired",
+                message=(
+                    f"Worker {delivery.claimed_by} stopped before recording the "
+                    "result; the event is sent again and may arrive twice, with the "
+                    "same event id."
+                ),
+            )
+            released += 1
+        expired_ids = [delivery.pk for delivery in expired]
+        Delivery.objects.filter(pk__in=expired_ids).update(
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+            lease_expires_at=None,
+            claimed_by="",
+            updated_at=now,
         )
+    if released:
+        logger.warning("Released %d deliveries whose lease expired", released)
+    return released
+
+
+def has_due_work() -> bool:
+    return Delivery.objects.filter(
+        status=DeliveryStatus.PENDING, next_attempt_at__lte=timezone.now()
+    ).exists()

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import models
+from django.utils import timezone
 
 from destinations.models import Application, Destination, Stage
 
@@ -29,6 +30,9 @@ class Event(models.Model):
     )
     time = models.DateTimeField()
     data = models.JSONField()
+    # The envelope exactly as published. PostgreSQL's jsonb reorders keys, so `data`
+    # alone cannot give back the bytes the platform sent.
+    envelope_json = models.TextField(blank=True)
     is_test = models.BooleanField(default=False)
     recorded_at = models.DateTimeField(auto_now_add=True)
 
@@ -47,7 +51,10 @@ class Event(models.Model):
         }
 
     def body(self) -> bytes:
-        """The envelope as compact UTF-8 JSON: the exact bytes a partner receives."""
+        """The envelope as UTF-8 JSON: the bytes a partner receives, which are the
+        published bytes when the event came with them."""
+        if self.envelope_json:
+            return self.envelope_json.encode()
         text = json.dumps(self.envelope(), separators=(",", ":"), ensure_ascii=False)
         return text.encode()
 
@@ -57,6 +64,13 @@ class DeliveryStatus(models.TextChoices):
     SENDING = "sending", "Sending"
     DELIVERED = "delivered", "Delivered"
     FAILED = "failed", "Failed"
+    # Kept while the destination is paused or disabled by the engine; released to
+    # pending, in order, when it is enabled again.
+    HELD = "held", "Held"
+
+
+# Statuses that keep a later delivery of the same ordering key waiting.
+UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING, DeliveryStatus.HELD)
 
 
 class Delivery(models.Model):
@@ -71,8 +85,15 @@ class Delivery(models.Model):
     status = models.CharField(
         max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING
     )
+    # Empty for destinations that do not keep order; otherwise the event's object key.
+    ordering_key = models.CharField(max_length=512, blank=True)
+    is_test = models.BooleanField(default=False)
     attempt_count = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # When the retry window started: creation, or the latest manual retry or replay.
+    scheduled_at = models.DateTimeField(default=timezone.now)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -83,7 +104,26 @@ class Delivery(models.Model):
                 fields=["event", "destination"], name="one_delivery_per_destination"
             )
         ]
-        indexes = [models.Index(fields=["destination", "status"])]
+        indexes = [
+            models.Index(fields=["destination", "status"]),
+            # The claim query: due pending deliveries, oldest first.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status="pending"),
+                name="delivery_due",
+            ),
+            # The ordering check: earlier unfinished deliveries of the same key.
+            models.Index(
+                fields=["destination", "ordering_key", "id"],
+                condition=models.Q(status__in=["pending", "sending", "held"]),
+                name="delivery_unfinished_by_key",
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=models.Q(status="sending"),
+                name="delivery_leased",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.event_id} to destination {self.destination_id}"

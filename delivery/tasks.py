@@ -1,13 +1,43 @@
-"""Celery tasks: thin wrappers that carry ids only and leave the work to the engine."""
+"""Celery tasks: thin wrappers that carry no data and leave the work to the engine.
+
+A task message only wakes a worker. Losing one delays delivery until the next sweep;
+running one twice is harmless, because deliveries are claimed from the database.
+"""
+
+import logging
 
 from celery import shared_task
+from django.conf import settings
 
-from . import engine
+from . import engine, health
+
+logger = logging.getLogger(__name__)
 
 
-# acks_late: a worker that dies mid-send leaves the message on the broker to be
-# delivered again, and the engine's claim makes a second run harmless.
 @shared_task(acks_late=True, ignore_result=True)
-def send_delivery(delivery_id: int) -> None:
-    """Send one delivery and record the attempt."""
-    engine.deliver(delivery_id)
+def send_due() -> None:
+    """Send due deliveries until none is left or this round's budget is spent."""
+    if engine.drain(engine.worker_name(), settings.DELIVERY_DRAIN_SECONDS):
+        # Queue the next round instead of looping here, so one busy destination
+        # cannot hold this worker process forever.
+        send_due.delay()
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def sweep() -> None:
+    """Periodic: reclaim deliveries of vanished workers, disable destinations that
+    keep failing, and wake workers when deliveries are due."""
+    engine.release_expired_leases()
+    health.sweep_failing_destinations()
+    if engine.has_due_work():
+        wake_workers()
+
+
+def wake_workers() -> None:
+    """Queue wake-up messages; a broker that is down only delays delivery, because
+    the sweep wakes workers again once it is back."""
+    try:
+        for _ in range(settings.DELIVERY_WAKE_TASKS):
+            send_due.delay()
+    except Exception:
+        logger.exception("Could not queue a wake-up message; the sweep will retry")

@@ -4,7 +4,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import validate_email
+from django.core.validators import (
+    MaxValueValidator,
+    MinValueValidator,
+    validate_email,
+)
 from django.db import models
 
 from . import encryption
@@ -176,6 +180,40 @@ class Destination(models.Model):
         ),
     )
 
+    # Delivery state, kept by the delivery engine.
+    paused_at = models.DateTimeField(null=True, blank=True, editable=False)
+    pause_reason = models.TextField(blank=True, editable=False)
+    disabled_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="Set when the engine disabled the destination after failing.",
+    )
+    disabled_reason = models.TextField(blank=True, editable=False)
+    consecutive_failures = models.PositiveIntegerField(default=0, editable=False)
+    failing_since = models.DateTimeField(null=True, blank=True, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    last_success_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    # Retry policy for transient failures.
+    retry_initial_delay = models.PositiveIntegerField(
+        "first retry after (seconds)",
+        default=5,
+        validators=[MinValueValidator(1), MaxValueValidator(3600)],
+        help_text="Each further retry waits twice as long, with jitter.",
+    )
+    retry_max_delay = models.PositiveIntegerField(
+        "longest wait between retries (seconds)",
+        default=6 * 3600,
+        validators=[MinValueValidator(1), MaxValueValidator(24 * 3600)],
+    )
+    retry_window = models.PositiveIntegerField(
+        "give up after (hours)",
+        default=72,
+        validators=[MinValueValidator(1), MaxValueValidator(14 * 24)],
+        help_text="A delivery still failing this long after it was queued fails.",
+    )
+
     class Meta:
         ordering = ["application__name", "stage", "name"]
         indexes = [models.Index(fields=["application", "stage", "enabled"])]
@@ -223,6 +261,23 @@ class Destination(models.Model):
     @property
     def is_fifo(self) -> bool:
         return self.kind == Kind.SQS and self.sqs_fifo
+
+    @property
+    def is_ordered(self) -> bool:
+        """Whether the destination keeps per-object order, so its deliveries of one
+        ordering key must go out one at a time."""
+        if self.kind == Kind.SQS:
+            return self.sqs_fifo
+        if self.kind == Kind.PUBSUB:
+            return self.pubsub_ordering
+        return self.servicebus_sessions
+
+    @property
+    def holds_deliveries(self) -> bool:
+        """Whether new events are kept as held deliveries instead of sent: the
+        engine paused or disabled the destination. One that staff disabled by hand
+        gets no deliveries at all."""
+        return self.paused_at is not None or self.disabled_at is not None
 
     @property
     def target(self) -> str:

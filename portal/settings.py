@@ -128,6 +128,23 @@ PUBSUB_TIMEOUT = env.float("PUBSUB_TIMEOUT", default=10.0)
 # Seconds one Service Bus send may take, retries included.
 SERVICEBUS_TIMEOUT = env.float("SERVICEBUS_TIMEOUT", default=10.0)
 
+# The delivery engine.
+# Deliveries one worker claims per round.
+DELIVERY_CLAIM_SIZE = env.int("DELIVERY_CLAIM_SIZE", default=100)
+# Seconds a claim lasts; a delivery still unrecorded after that is sent again. It must
+# exceed the longest send, timeouts and retries of the transports included.
+DELIVERY_LEASE_SECONDS = env.int("DELIVERY_LEASE_SECONDS", default=120)
+# Seconds one task keeps sending before it queues a follow-up and yields.
+DELIVERY_DRAIN_SECONDS = env.float("DELIVERY_DRAIN_SECONDS", default=20.0)
+# Wake-up messages per publish; more lets more worker processes send at once.
+DELIVERY_WAKE_TASKS = env.int("DELIVERY_WAKE_TASKS", default=2)
+# Seconds between sweeps (Celery beat).
+SWEEP_INTERVAL = env.float("SWEEP_INTERVAL", default=5.0)
+# A destination whose every attempt failed for this long, or this many attempts in
+# a row, is disabled and its application's contacts are told.
+AUTO_DISABLE_AFTER_HOURS = env.float("AUTO_DISABLE_AFTER_HOURS", default=24.0)
+AUTO_DISABLE_AFTER_FAILURES = env.int("AUTO_DISABLE_AFTER_FAILURES", default=1000)
+
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     # The folder the web process and the worker exchange task messages through; the
@@ -144,6 +161,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "polling_interval": 0.2,
     }
 CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULE = {
+    "sweep": {"task": "delivery.tasks.sweep", "schedule": SWEEP_INTERVAL},
+}
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -14,7 +14,7 @@ from django.urls import reverse
 
 from delivery.ids import ALPHABET, new_ulid, ulid_timestamp_ms
 from delivery.models import Attempt, Delivery, DeliveryStatus, Event, Outcome
-from delivery.tasks import send_delivery
+from delivery.tasks import wake_workers
 from delivery.testevents import TEST_EVENT_TYPE, send_test_event
 from destinations.models import Application, Destination, Kind, Stage
 
@@ -256,8 +256,10 @@ def publish_fixture(destination: Destination) -> Delivery:
         time=datetime.fromisoformat(envelope["time"]).astimezone(UTC),
         data=envelope["data"],
     )
-    delivery = Delivery.objects.create(event=event, destination=destination)
-    send_delivery.delay(delivery.pk)
+    delivery = Delivery.objects.create(
+        event=event, destination=destination, next_attempt_at=event.time
+    )
+    wake_workers()
     return delivery
 
 

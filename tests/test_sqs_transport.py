@@ -187,7 +187,11 @@ def test_missing_queue_fails_permanently(
     assert attempt.error_kind == "queue_not_found"
     assert url in attempt.message
     assert "TEST" in attempt.message
-    assert delivery.status == DeliveryStatus.FAILED
+    # The destination is at fault: it is paused and the delivery waits, first in line.
+    assert delivery.status == DeliveryStatus.PENDING
+    destination.refresh_from_db()
+    assert destination.paused_at is not None
+    assert url in destination.pause_reason
 
 
 def test_large_fixture_fits_default_size(
@@ -327,7 +331,10 @@ def test_closed_port_is_transient_error(
     assert attempt.error_kind == "connection_failed"
     assert destination.sqs_queue_url in attempt.message
     assert FAKE_SECRET_ACCESS_KEY not in attempt.message
-    assert delivery.status == DeliveryStatus.FAILED
+    # Transient: the delivery is scheduled again, later.
+    assert delivery.status == DeliveryStatus.PENDING
+    assert delivery.next_attempt_at is not None
+    assert delivery.next_attempt_at > attempt.started_at
 
 
 def test_batch_results_keep_message_order(
@@ -463,7 +470,7 @@ def test_kind_without_transport_fails_permanently(
 
     assert attempt.outcome == Outcome.PERMANENT_ERROR
     assert attempt.error_kind == "not_available"
-    assert attempt.message == "Sending to AWS SQS is not available yet."
+    assert attempt.message == "Sending to AWS SQS is not available."
 
 
 class ExplodingTransport(Transport):
@@ -507,7 +514,10 @@ def test_deliver_logs_start_and_outcome(
         deliver(delivery)
 
     lines = [record.getMessage() for record in caplog.records]
-    assert any(line.startswith("Sending event " + delivery.event_id) for line in lines)
+    assert any(
+        line.startswith("Sending 1 events") and delivery.event_id in line
+        for line in lines
+    )
     assert any(
         line.startswith("Delivered event " + delivery.event_id) for line in lines
     )

@@ -7,6 +7,8 @@ admin shows each message next to its field.
 
 from collections.abc import Callable
 
+from django.core.exceptions import ValidationError
+
 from ..models import Destination, Kind
 from . import pubsub, servicebus, sqs
 
@@ -31,7 +33,23 @@ def validate_destination(destination: Destination) -> None:
         return
 
     reset_other_kinds(destination)
+    validate_retry_policy(destination)
     validator(destination)
+
+
+def validate_retry_policy(destination: Destination) -> None:
+    initial = destination.retry_initial_delay
+    longest = destination.retry_max_delay
+    if initial is not None and longest is not None and longest < initial:
+        raise ValidationError(
+            {
+                "retry_max_delay": (
+                    f"The longest wait between retries ({longest} s) is shorter than "
+                    f"the first retry's wait ({initial} s). Set it to at least "
+                    f"{initial} s."
+                )
+            }
+        )
 
 
 def reset_other_kinds(destination: Destination) -> None:

@@ -1,0 +1,185 @@
+"""A destination's health: pausing, automatic disabling and enabling again.
+
+A destination is paused when a send fails for a reason that is the destination's own
+(access denied, missing queue or topic, bad credentials): nothing more is sent to it
+and nothing is dropped. It is disabled when every attempt has failed for a long time
+or too many attempts failed in a row. Either way, events that arrive meanwhile are
+kept as held deliveries and go out, in order, when it is enabled again.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from destinations.models import Destination
+
+from .models import Delivery, DeliveryStatus
+from .notifications import notify_contacts
+from .transports import Blame, Failure, Result, Sent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch's results say about the destination itself."""
+
+    successes: int = 0
+    failures: int = 0
+    last_failure: Failure | None = None
+    pause_because: Failure | None = None
+    _results: list[Result] = field(default_factory=list, repr=False)
+
+    def add(self, result: Result) -> None:
+        self._results.append(result)
+        if isinstance(result, Sent):
+            self.successes += 1
+            return
+        # A message the destination can never take (too large) says nothing about
+        # the destination's health.
+        if result.permanent and result.blame != Blame.DESTINATION:
+            return
+        self.failures += 1
+        self.last_failure = result
+        if result.permanent:
+            self.pause_because = result
+
+    def __bool__(self) -> bool:
+        return bool(self._results)
+
+
+def apply(destination: Destination, outcome: BatchOutcome, now: datetime) -> None:
+    """Update the destination's counters from a batch, then pause or disable it
+    when the batch calls for it. Runs inside the caller's transaction."""
+    rows = Destination.objects.filter(pk=destination.pk)
+    if outcome.successes and not outcome.failures:
+        rows.update(consecutive_failures=0, failing_since=None, last_success_at=now)
+        return
+
+    if outcome.successes:
+        rows.update(last_success_at=now)
+    if outcome.failures and outcome.last_failure is not None:
+        rows.update(
+            consecutive_failures=F("consecutive_failures") + outcome.failures,
+            last_error=f"{outcome.last_failure.kind}: {outcome.last_failure.message}",
+        )
+        rows.filter(failing_since__isnull=True).update(failing_since=now)
+
+    if outcome.pause_because is not None:
+        pause(destination, outcome.pause_because.message, now)
+    else:
+        disable_if_failing(destination, now)
+
+
+def pause(destination: Destination, reason: str, now: datetime) -> bool:
+    """Pause `destination` unless it already is; return whether it was paused now."""
+    changed = Destination.objects.filter(
+        pk=destination.pk, paused_at__isnull=True
+    ).update(paused_at=now, pause_reason=reason)
+    if not changed:
+        return False
+
+    logger.warning("Paused destination %s: %s", destination.pk, reason)
+    body = (
+        f"Delivery to {destination.name} ({destination.target}) is paused, because "
+        f"the destination rejected an event:\n\n{reason}\n\n"
+        "No events are lost: they wait and go out in order once the destination is "
+        "fixed and enabled again in the portal."
+    )
+    transaction.on_commit(
+        partial(notify_contacts, destination, "Delivery paused", body)
+    )
+    return True
+
+
+def disable_if_failing(destination: Destination, now: datetime) -> bool:
+    """Disable `destination` after sustained failure; return whether it was."""
+    current = Destination.objects.get(pk=destination.pk)
+    if current.disabled_at is not None or current.failing_since is None:
+        return False
+
+    failing_for = now - current.failing_since
+    too_long = failing_for >= timedelta(hours=settings.AUTO_DISABLE_AFTER_HOURS)
+    too_many = current.consecutive_failures >= settings.AUTO_DISABLE_AFTER_FAILURES
+    if not (too_long or too_many):
+        return False
+
+    hours = failing_for.total_seconds() / 3600
+    reason = (
+        f"Every attempt failed for {hours:.1f} hours ({current.consecutive_failures} "
+        f"in a row). Last error: {current.last_error}"
+    )
+    Destination.objects.filter(pk=destination.pk, disabled_at__isnull=True).update(
+        enabled=False, disabled_at=now, disabled_reason=reason
+    )
+    logger.warning("Disabled destination %s: %s", destination.pk, reason)
+    body = (
+        f"Delivery to {destination.name} ({destination.target}) was disabled.\n\n"
+        f"{reason}\n\nEvents that arrive from now on are kept and go out in order "
+        "once the destination is fixed and enabled again in the portal."
+    )
+    transaction.on_commit(
+        partial(notify_contacts, destination, "Destination disabled", body)
+    )
+    return True
+
+
+def enable(destination: Destination) -> int:
+    """Enable `destination`, clear any pause, and release its held deliveries to be
+    sent in order. Return how many held deliveries were released."""
+    from .tasks import wake_workers
+
+    now = timezone.now()
+    with transaction.atomic():
+        Destination.objects.filter(pk=destination.pk).update(
+            enabled=True,
+            paused_at=None,
+            pause_reason="",
+            disabled_at=None,
+            disabled_reason="",
+            consecutive_failures=0,
+            failing_since=None,
+        )
+        released = Delivery.objects.filter(
+            destination=destination, status=DeliveryStatus.HELD
+        ).update(
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+            scheduled_at=now,
+            updated_at=now,
+        )
+        # Deliveries that waited behind the pause go now, not at their old retry time.
+        Delivery.objects.filter(
+            destination=destination, status=DeliveryStatus.PENDING
+        ).update(next_attempt_at=now)
+        transaction.on_commit(wake_workers)
+    logger.info(
+        "Enabled destination %s; released %d held deliveries", destination.pk, released
+    )
+    return released
+
+
+def disable(destination: Destination) -> None:
+    """Disable `destination` by hand: it gets no new deliveries until enabled."""
+    Destination.objects.filter(pk=destination.pk).update(enabled=False)
+
+
+def sweep_failing_destinations() -> int:
+    """Disable destinations that have failed long enough, even if no attempt ran
+    since (a paused destination makes none). Return how many were disabled."""
+    now = timezone.now()
+    cutoff = now - timedelta(hours=settings.AUTO_DISABLE_AFTER_HOURS)
+    candidates = Destination.objects.filter(
+        disabled_at__isnull=True, failing_since__lte=cutoff, paused_at__isnull=True
+    )
+    disabled = 0
+    for destination in candidates.select_related("application"):
+        with transaction.atomic():
+            disabled += disable_if_failing(destination, now)
+    return disabled
