@@ -16,7 +16,7 @@ from itertools import groupby
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from destinations.models import Destination
@@ -33,22 +33,31 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def earlier_unfinished() -> QuerySet[Delivery]:
+    """Return, for use in Exists() against an outer Delivery, the unfinished
+    deliveries of the same destination and ordering key with an earlier event."""
+    earlier = Q(event_time__lt=OuterRef("event_time")) | Q(
+        event_time=OuterRef("event_time"), event_id__lt=OuterRef("event_id")
+    )
+    return Delivery.objects.filter(
+        earlier,
+        destination=OuterRef("destination"),
+        ordering_key=OuterRef("ordering_key"),
+        status__in=UNFINISHED,
+    )
+
+
 def claim(worker: str, limit: int) -> list[Delivery]:
     """Lease up to `limit` due deliveries to `worker` and return them.
 
     For a destination that keeps order, only the head of each ordering key is due:
-    a delivery waits while an earlier one of the same key is unfinished. On
+    a delivery waits while one of the same key with an earlier event (by time, then
+    event id) is unfinished. On
     PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint rows.
     SQLite ignores it, but this project opens SQLite transactions with BEGIN
     IMMEDIATE, which serialises claims between processes instead.
     """
     now = timezone.now()
-    earlier_unfinished = Delivery.objects.filter(
-        destination=OuterRef("destination"),
-        ordering_key=OuterRef("ordering_key"),
-        pk__lt=OuterRef("pk"),
-        status__in=UNFINISHED,
-    )
     # Test events go out even to a paused or disabled destination: staff send them
     # to check a destination before enabling it.
     sendable = Q(is_test=True) | Q(
@@ -57,7 +66,7 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     due = (
         Delivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
         .filter(sendable)
-        .filter(Q(ordering_key="") | ~Exists(earlier_unfinished))
+        .filter(Q(ordering_key="") | ~Exists(earlier_unfinished()))
         .order_by("next_attempt_at", "pk")
     )
 

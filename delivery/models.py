@@ -87,6 +87,9 @@ class Delivery(models.Model):
     )
     # Empty for destinations that do not keep order; otherwise the event's object key.
     ordering_key = models.CharField(max_length=512, blank=True)
+    # The event's time, copied so the ordering check needs no join: deliveries of one
+    # key go out in (event_time, event id) order, whatever order they were created in.
+    event_time = models.DateTimeField(default=timezone.now)
     is_test = models.BooleanField(default=False)
     attempt_count = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
@@ -114,7 +117,7 @@ class Delivery(models.Model):
             ),
             # The ordering check: earlier unfinished deliveries of the same key.
             models.Index(
-                fields=["destination", "ordering_key", "id"],
+                fields=["destination", "ordering_key", "event_time", "event"],
                 condition=models.Q(status__in=["pending", "sending", "held"]),
                 name="delivery_unfinished_by_key",
             ),

@@ -201,6 +201,7 @@ def _delivery(envelope: Envelope, destination: Destination) -> Delivery:
         destination=destination,
         status=DeliveryStatus.HELD if held else DeliveryStatus.PENDING,
         ordering_key=envelope.object_key if destination.is_ordered else "",
+        event_time=envelope.time,
         next_attempt_at=now,
         scheduled_at=now,
     )

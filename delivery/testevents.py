@@ -46,6 +46,7 @@ def send_test_event(
             event=event,
             destination=destination,
             is_test=True,
+            event_time=now,
             next_attempt_at=now,
             scheduled_at=now,
         )

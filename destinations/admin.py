@@ -2,7 +2,9 @@
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
@@ -14,11 +16,19 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.debug import sensitive_post_parameters
 
+from delivery import health
 from delivery.models import Attempt, Delivery, DeliveryStatus, Outcome
+from delivery.replay import events_in_range, replay, retry_failed
 from delivery.testevents import send_test_event
 
-from .forms import COMMON_FIELDS, KIND_FIELDS, SECRET_FIELDS, DestinationForm
-from .models import Application, Destination, Kind
+from .forms import (
+    COMMON_FIELDS,
+    KIND_FIELDS,
+    RETRY_FIELDS,
+    SECRET_FIELDS,
+    DestinationForm,
+)
+from .models import Application, Destination, Kind, State
 
 
 @admin.register(Application)
@@ -45,6 +55,51 @@ def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet
 SEND_TEST_HELP = "Sends a test event now; its result appears here once the worker ran."
 
 
+STATE_FIELDS = (
+    "state",
+    "pause_reason",
+    "disabled_reason",
+    "last_error",
+    "consecutive_failures",
+    "failing_since",
+    "last_success_at",
+)
+
+
+class StateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> Any:
+        return State.choices
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
+        value = self.value()
+        if value in State.values:
+            return queryset.filter(State.filter(value))
+        return queryset
+
+
+class ReplayForm(forms.Form):
+    prefix = "replay"
+    start = forms.DateTimeField(
+        label="From (UTC)",
+        help_text="Events at or after this time, e.g. 2025-03-03 08:00.",
+    )
+    end = forms.DateTimeField(label="Until (UTC)", help_text="Events before this time.")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        start, end = cleaned.get("start"), cleaned.get("end")
+        if start and end and start >= end:
+            self.add_error(
+                "end",
+                f"The end ({end:%Y-%m-%d %H:%M}) is not after the start "
+                f"({start:%Y-%m-%d %H:%M}). Choose an end after the start.",
+            )
+        return cleaned
+
+
 @admin.register(Destination)
 class DestinationAdmin(admin.ModelAdmin):
     form = DestinationForm
@@ -54,10 +109,10 @@ class DestinationAdmin(admin.ModelAdmin):
         "stage",
         "kind",
         "target",
-        "enabled",
+        "state",
         "last_test_result",
     )
-    list_filter = ("stage", "kind", "enabled")
+    list_filter = ("stage", "kind", StateFilter)
     list_select_related = ("application",)
     search_fields = (
         "name",
@@ -69,7 +124,13 @@ class DestinationAdmin(admin.ModelAdmin):
         "servicebus_namespace",
         "servicebus_entity_name",
     )
-    actions = ("enable_destinations", "disable_destinations", "send_test_events")
+    actions = (
+        "enable_destinations",
+        "disable_destinations",
+        "send_test_events",
+        "retry_failed_deliveries",
+        "replay_events",
+    )
     change_form_template = "admin/destinations/destination/change_form.html"
 
     # Listing and change pages.
@@ -161,7 +222,11 @@ class DestinationAdmin(admin.ModelAdmin):
             (None, {"fields": COMMON_FIELDS}),
             (Kind(kind).label if kind in Kind.values else "", {"fields": kind_fields}),
         ]
+        fieldsets.append(
+            ("Retries", {"fields": RETRY_FIELDS, "classes": ("collapse",)})
+        )
         if obj is not None:
+            fieldsets.append(("Delivery state", {"fields": STATE_FIELDS}))
             fieldsets.append(
                 (
                     "Test event",
@@ -193,7 +258,7 @@ class DestinationAdmin(admin.ModelAdmin):
     ) -> tuple[str, ...]:
         if obj is None:
             return ()
-        return ("kind", "servicebus_summary", "latest_test")
+        return ("kind", "servicebus_summary", "latest_test", *STATE_FIELDS)
 
     def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
         initial = super().get_changeform_initial_data(request)
@@ -283,14 +348,22 @@ class DestinationAdmin(admin.ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[Destination], enabled: bool
     ) -> None:
         selected = queryset.count()
-        changed = queryset.exclude(enabled=enabled).update(enabled=enabled)
+        changed = released = 0
+        for destination in queryset:
+            if enabled and destination.state != State.ACTIVE:
+                released += health.enable(destination)
+                changed += 1
+            elif not enabled and destination.enabled:
+                health.disable(destination)
+                changed += 1
         verb = "Enabled" if enabled else "Disabled"
-        self.message_user(
-            request,
+        message = (
             f"{verb} {changed} of {selected} selected destinations; "
-            f"{selected - changed} already were.",
-            messages.SUCCESS,
+            f"{selected - changed} already were."
         )
+        if released:
+            message += f" Released {released} held deliveries, to be sent in order."
+        self.message_user(request, message, messages.SUCCESS)
 
     @admin.action(description="Send test event", permissions=["change"])
     def send_test_events(
@@ -305,4 +378,50 @@ class DestinationAdmin(admin.ModelAdmin):
             f"Queued {queued} test events. The 'last test' column shows each result "
             "once the worker has sent it.",
             messages.SUCCESS,
+        )
+
+    @admin.action(description="Retry failed deliveries", permissions=["change"])
+    def retry_failed_deliveries(
+        self, request: HttpRequest, queryset: QuerySet[Destination]
+    ) -> None:
+        count = retry_failed(Delivery.objects.filter(destination__in=queryset))
+        self.message_user(
+            request,
+            f"Queued {count} failed deliveries again for {queryset.count()} "
+            "destinations.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(description="Replay events of a time range", permissions=["change"])
+    def replay_events(
+        self, request: HttpRequest, queryset: QuerySet[Destination]
+    ) -> HttpResponse | None:
+        destinations = list(queryset.select_related("application"))
+        form = ReplayForm(request.POST if "replay-start" in request.POST else None)
+        if form.is_valid():
+            start, end = form.cleaned_data["start"], form.cleaned_data["end"]
+            if "confirm" in request.POST:
+                total = sum(replay(d, start, end) for d in destinations)
+                self.message_user(
+                    request,
+                    f"Replaying {total} events to {len(destinations)} destinations.",
+                    messages.SUCCESS,
+                )
+                return None
+            counts = [(d, events_in_range(d, start, end).count()) for d in destinations]
+        else:
+            counts = []
+
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Replay events",
+            "form": form,
+            "counts": counts,
+            "total": sum(count for _, count in counts),
+            "destinations": destinations,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(
+            request, "admin/destinations/destination/replay.html", context
         )

@@ -34,6 +34,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 
 SECRET_FIELDS = ("servicebus_connection_string",)
 
+RETRY_FIELDS = ("retry_initial_delay", "retry_max_delay", "retry_window")
+
 
 class DestinationForm(forms.ModelForm):
     # Write-only: the stored value is a Fernet token and is never rendered back.
@@ -53,6 +55,7 @@ class DestinationForm(forms.ModelForm):
         # non-editable model field named here.
         fields = [
             *COMMON_FIELDS,
+            *RETRY_FIELDS,
             *(
                 name
                 for names in KIND_FIELDS.values()
@@ -68,6 +71,10 @@ class DestinationForm(forms.ModelForm):
             # The kind is chosen before the form opens; it travels as a hidden value.
             self.fields["kind"].widget = forms.HiddenInput()
 
+        for name in RETRY_FIELDS:
+            if name in self.fields:
+                self.fields[name].required = False
+
         field = self.fields.get("servicebus_connection_string")
         if field is not None and self.instance.servicebus_connection_string:
             field.help_text = (
@@ -77,6 +84,11 @@ class DestinationForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
+        # The retry policy is optional in a submission: a blank value keeps the
+        # current one (the default, on a new destination).
+        for name in RETRY_FIELDS:
+            if name in self.fields and cleaned.get(name) is None:
+                cleaned[name] = getattr(self.instance, name)
         connection_string = cleaned.get("servicebus_connection_string")
         if connection_string:
             # Parsed and checked by the model's clean(), which runs after this.

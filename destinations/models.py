@@ -37,6 +37,25 @@ class EntityType(models.TextChoices):
     TOPIC = "topic", "Topic"
 
 
+class State(models.TextChoices):
+    """Whether a destination receives events, derived from its columns."""
+
+    ACTIVE = "active", "Active"
+    PAUSED = "paused", "Paused (destination rejected events)"
+    DISABLED = "disabled", "Disabled (kept failing)"
+    OFF = "off", "Off (disabled by staff)"
+
+    @classmethod
+    def filter(cls, value: str) -> models.Q:
+        """Return the lookup that selects destinations in state `value`."""
+        return {
+            cls.ACTIVE: models.Q(enabled=True, paused_at__isnull=True),
+            cls.PAUSED: models.Q(paused_at__isnull=False, disabled_at__isnull=True),
+            cls.DISABLED: models.Q(disabled_at__isnull=False),
+            cls.OFF: models.Q(enabled=False, disabled_at__isnull=True),
+        }[cls(value)]
+
+
 def split_emails(value: str) -> list[str]:
     """Split a comma, semicolon or newline separated list of addresses."""
     separators = value.replace(";", ",").replace("\n", ",")
@@ -271,6 +290,14 @@ class Destination(models.Model):
         if self.kind == Kind.PUBSUB:
             return self.pubsub_ordering
         return self.servicebus_sessions
+
+    @property
+    def state(self) -> "State":
+        if self.disabled_at is not None:
+            return State.DISABLED
+        if self.paused_at is not None:
+            return State.PAUSED
+        return State.ACTIVE if self.enabled else State.OFF
 
     @property
     def holds_deliveries(self) -> bool:
