@@ -31,7 +31,7 @@ from portal.celery import app as celery_app
 if TYPE_CHECKING:
     from delivery.models import Delivery
 
-pytest_plugins = ["tests.pubsub_fixtures"]
+pytest_plugins = ["tests.pubsub_fixtures", "tests.servicebus_fixtures"]
 
 # A fixed Fernet key, used only by the tests, so encrypted columns can be written and
 # read back. The worker process started by the tests gets the same key.

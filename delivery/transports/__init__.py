@@ -34,3 +34,4 @@ __all__ = [
 # `register` exists.
 from . import pubsub  # noqa: E402, F401, I001
 from . import sqs  # noqa: E402, F401
+from . import servicebus  # noqa: E402, F401
