@@ -2,7 +2,7 @@
 
 It responds to azure-servicebus senders as a Service Bus namespace does. It checks the
 shared access signature of each put-token request against its shared access
-policies. It knows its queues and topics and which of them require sessions, and it
+policies. It keeps a list of queues and topics, some requiring sessions, and it
 rejects unknown entities, messages without a session id on a session entity and
 oversized messages with the conditions Service Bus uses. It records every message it
 accepts, a batch as its separate messages. `fail_next` makes it fail sends on

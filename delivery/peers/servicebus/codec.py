@@ -136,7 +136,7 @@ def decode_message(raw: bytes) -> DecodedMessage:
 
 
 def decode_transfer(raw: bytes) -> tuple[bool, list[DecodedMessage]]:
-    """Decode the payload of a transfer into its messages, and say if it was a batch.
+    """Decode the payload of a transfer into its messages, and whether it was a batch.
 
     NOTE: proton 0.40's Python binding does not expose a delivery's message format,
     so a batch is recognised by its shape: a body of data sections that each decode as

@@ -1,10 +1,10 @@
 """The proton event handler that makes an AMQP listener respond to a sending client as
 a Service Bus namespace does.
 
-The exchange azure-servicebus 7.15 performs, per sender: SASL ANONYMOUS; a link pair
-on `$cbs` carrying one put-token request, answered with a status code; then a sender
-link whose target is amqps://HOST:PORT/ENTITY. Every method runs on the peer's
-network thread.
+Per sender, azure-servicebus 7.15 first authenticates with SASL ANONYMOUS. It then
+opens a link pair on `$cbs` for one put-token request and its status code response,
+and last a sender link whose target is amqps://HOST:PORT/ENTITY. Every method runs on
+the peer's network thread.
 """
 
 import logging

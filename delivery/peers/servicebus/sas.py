@@ -39,7 +39,7 @@ class VerifiedToken:
 
 
 class TokenRejected(Exception):
-    """A put-token request the peer answers with a 401 status, as Service Bus does."""
+    """A rejected put-token request, which gets a 401 response as on Service Bus."""
 
     def __init__(self, description: str, key_name: str | None = None) -> None:
         super().__init__(description)

@@ -1,5 +1,5 @@
-"""What the Service Bus peer knows and records, shared between its network thread and
-the tests' threads behind one lock."""
+"""The Service Bus peer's entities, policies and records, shared between its network
+thread and the tests' threads behind one lock."""
 
 import threading
 from collections import deque
@@ -63,7 +63,7 @@ class RecordedMessage:
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """One put-token request and the status the peer answered it with."""
+    """One put-token request and the status code of the peer's response."""
 
     audience: str
     key_name: str | None
@@ -72,7 +72,7 @@ class TokenRequest:
 
 @dataclass(frozen=True)
 class InjectedFailure:
-    """How the peer fails one send."""
+    """A planned failure of one send."""
 
     condition: str = INTERNAL_ERROR
     description: str = "The peer failed this send because fail_next requested it."
