@@ -52,6 +52,11 @@ def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet
     )
 
 
+def counted(count: int, singular: str, plural: str = "") -> str:
+    """Return "1 event" or "3 events"."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 SEND_TEST_HELP = "Sends a test event now; its result appears here once the worker ran."
 
 
@@ -362,7 +367,10 @@ class DestinationAdmin(admin.ModelAdmin):
             f"{selected - changed} already were."
         )
         if released:
-            message += f" Released {released} held deliveries, to be sent in order."
+            message += (
+                f" Released {counted(released, 'held delivery', 'held deliveries')}, "
+                "to be sent in order."
+            )
         self.message_user(request, message, messages.SUCCESS)
 
     @admin.action(description="Send test event", permissions=["change"])
@@ -375,7 +383,8 @@ class DestinationAdmin(admin.ModelAdmin):
             queued += 1
         self.message_user(
             request,
-            f"Queued {queued} test events. The 'last test' column shows each result "
+            f"Queued {counted(queued, 'test event')}. The 'last test' column shows "
+            "each result "
             "once the worker has sent it.",
             messages.SUCCESS,
         )
@@ -387,8 +396,8 @@ class DestinationAdmin(admin.ModelAdmin):
         count = retry_failed(Delivery.objects.filter(destination__in=queryset))
         self.message_user(
             request,
-            f"Queued {count} failed deliveries again for {queryset.count()} "
-            "destinations.",
+            f"Queued {counted(count, 'failed delivery', 'failed deliveries')} again "
+            f"for {counted(queryset.count(), 'destination')}.",
             messages.SUCCESS,
         )
 
@@ -404,7 +413,8 @@ class DestinationAdmin(admin.ModelAdmin):
                 total = sum(replay(d, start, end) for d in destinations)
                 self.message_user(
                     request,
-                    f"Replaying {total} events to {len(destinations)} destinations.",
+                    f"Replaying {counted(total, 'event')} to "
+                    f"{counted(len(destinations), 'destination')}.",
                     messages.SUCCESS,
                 )
                 return None

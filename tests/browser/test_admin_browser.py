@@ -214,7 +214,7 @@ def test_list_action_sends_test_event(
     page.get_by_role("button", name="Run", exact=True).click()
 
     expect(page.locator(".messagelist .success")).to_contain_text(
-        "Queued 1 test events"
+        "Queued 1 test event."
     )
     last_test = destination_row(page, "Orders queue").locator(
         "td.field-last_test_result"
