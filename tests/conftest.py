@@ -177,6 +177,7 @@ def celery_broker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             broker_transport_options={
                 "data_folder_in": str(folder),
                 "data_folder_out": str(folder),
+                "control_folder": str(folder / "control"),
                 "polling_interval": 0.2,
             }
         )
@@ -288,6 +289,7 @@ def celery_worker(
             "DATABASE_URL": database_url(django_settings.DATABASES["default"]),
             "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
             "SQS_TIMEOUT": "5",
+            "SWEEP_INTERVAL": "1",
             "LOG_LEVEL": "INFO",
             **celery_broker,
             **peer_environment(sqs_peer.endpoint_url),
@@ -304,6 +306,11 @@ def celery_worker(
         "info",
         "-n",
         f"tests-{os.getpid()}@127.0.0.1",
+        # Celery beat inside the worker runs the sweep that re-wakes workers and
+        # reclaims deliveries whose worker vanished.
+        "--beat",
+        "--schedule",
+        str(tmp_path_factory.mktemp("beat") / "schedule"),
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
