@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,16 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from delivery.models import Delivery, DeliveryStatus
-from delivery.peers.sqs import SqsPeer, create_queue, peer_environment, start_sqs_peer
+from delivery.peers.pubsub import (
+    PubSubPeer,
+    create_subscription,
+    create_topic,
+    start_pubsub_peer,
+)
+from delivery.peers.pubsub import peer_environment as pubsub_peer_environment
+from delivery.peers.servicebus import ServiceBusPeer, start_servicebus_peer
+from delivery.peers.sqs import SqsPeer, create_queue, start_sqs_peer
+from delivery.peers.sqs import peer_environment as sqs_peer_environment
 from delivery.testevents import send_test_event
 from destinations import demo
 from destinations.models import Destination
@@ -53,42 +63,36 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         call_command("check")
         call_command("migrate", interactive=False, verbosity=0)
-        login = demo.seed_demo()
 
-        peer = self._start_peer(options["sqs_port"])
+        peers = LocalPeers.start(options["sqs_port"])
         children: list[subprocess.Popen[bytes]] = []
         try:
-            environment = {**os.environ, **peer_environment(peer.endpoint_url)}
+            login = demo.seed_demo(
+                peers.servicebus.connection_string(demo.SERVICEBUS_QUEUE)
+            )
+            environment = {**os.environ, **peers.environment()}
             children.append(self._start_worker(environment))
             children.append(self._start_web(environment, options["port"]))
             url = f"http://127.0.0.1:{options['port']}/admin/"
-            self._print_banner(url, login, peer)
+            self._print_banner(url, login, peers)
 
             if options["smoke"]:
-                self._smoke(url, peer, children)
+                self._smoke(url, children)
             else:
                 self._wait(children)
         finally:
             for child in children:
                 _stop(child)
-            peer.stop()
-
-    def _start_peer(self, port: int) -> SqsPeer:
-        try:
-            peer = start_sqs_peer("127.0.0.1", port, in_process=False)
-        except RuntimeError as error:
-            raise CommandError(
-                f"The local SQS peer could not start on 127.0.0.1:{port}: {error} "
-                "Choose another port with --sqs-port."
-            ) from error
-        for queue in demo.DEMO_QUEUES.values():
-            create_queue(peer.endpoint_url, queue, region=demo.DEMO_REGION)
-        return peer
+            peers.stop()
 
     def _start_worker(self, environment: dict[str, str]) -> subprocess.Popen[bytes]:
+        schedule = Path(settings.VAR_DIR) / "celerybeat-schedule"
         command = [sys.executable, "-m", "celery", "-A", "portal", "worker"]
+        command += ["--concurrency", "2", "--loglevel", "INFO"]
+        # --beat runs the periodic sweep inside this worker.
+        command += ["--beat", "--schedule", str(schedule)]
         return subprocess.Popen(
-            [*command, "--concurrency", "2", "--loglevel", "INFO"],
+            command,
             env=environment,
             cwd=settings.BASE_DIR,
         )
@@ -103,15 +107,19 @@ class Command(BaseCommand):
             cwd=settings.BASE_DIR,
         )
 
-    def _print_banner(self, url: str, login: demo.DemoLogin, peer: SqsPeer) -> None:
+    def _print_banner(
+        self, url: str, login: demo.DemoLogin, peers: "LocalPeers"
+    ) -> None:
         self.stdout.write(
             self.style.SUCCESS(
                 "\nDestinations portal is starting.\n"
-                f"  Admin:          {url}\n"
-                f"  Demo login:     {login.username} / {login.password}\n"
-                f"  Local SQS peer: {peer.endpoint_url} (TEST and PROD send here)\n"
-                "Open a demo destination and press 'Send test event'. "
-                "Stop with Ctrl-C.\n"
+                f"  Admin:                {url}\n"
+                f"  Demo login:           {login.username} / {login.password}\n"
+                f"  SQS peer (moto):      {peers.sqs.endpoint_url}\n"
+                f"  Pub/Sub peer:         {peers.pubsub.endpoint}\n"
+                f"  Service Bus peer:     {peers.servicebus.endpoint}\n"
+                "Both stages send to these local peers, never to a cloud. Open a demo "
+                "destination and press 'Send test event'. Stop with Ctrl-C.\n"
             )
         )
 
@@ -127,28 +135,27 @@ class Command(BaseCommand):
             "A child process stopped on its own; see its output above. Stopping."
         )
 
-    def _smoke(
-        self, url: str, peer: SqsPeer, children: list[subprocess.Popen[bytes]]
-    ) -> None:
-        destination = Destination.objects.get(
-            application__slug="demo-shop", sqs_fifo=True
-        )
-        delivery = send_test_event(destination, requested_by=None)
+    def _smoke(self, url: str, children: list[subprocess.Popen[bytes]]) -> None:
+        """Send a test event to every demo destination and wait for each result."""
+        destinations = Destination.objects.filter(application__slug="demo-shop")
+        deliveries = [send_test_event(d, requested_by=None) for d in destinations]
         deadline = time.monotonic() + SMOKE_TIMEOUT
+        unfinished = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
         while time.monotonic() < deadline:
-            delivery.refresh_from_db()
-            if delivery.status not in (DeliveryStatus.PENDING, DeliveryStatus.SENDING):
+            for delivery in deliveries:
+                delivery.refresh_from_db()
+            if all(delivery.status not in unfinished for delivery in deliveries):
                 break
             if any(child.poll() is not None for child in children):
                 raise CommandError("Smoke run: a child process stopped early.")
             time.sleep(0.5)
-        _check_delivered(delivery)
+        for delivery in deliveries:
+            _check_delivered(delivery)
         _check_page(url)
         self.stdout.write(
             self.style.SUCCESS(
-                f"Smoke run passed: test event {delivery.event_id} reached "
-                f"{destination.sqs_queue_url} through {peer.endpoint_url}, and the "
-                "admin answered."
+                f"Smoke run passed: {len(deliveries)} test events reached their "
+                "local peers through the worker, and the admin answered."
             )
         )
 
@@ -158,7 +165,8 @@ def _check_delivered(delivery: Delivery) -> None:
         attempt = delivery.attempts.first()
         detail = attempt.message if attempt else "no attempt was recorded"
         raise CommandError(
-            f"Smoke run: the test event ended as {delivery.status!r}: {detail}"
+            f"Smoke run: the test event to {delivery.destination} ended as "
+            f"{delivery.status!r}: {detail}"
         )
 
 
@@ -185,3 +193,45 @@ def _stop(child: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+
+
+@dataclass
+class LocalPeers:
+    """The three local protocol peers, with the demo's queues and topics."""
+
+    sqs: SqsPeer
+    pubsub: PubSubPeer
+    servicebus: ServiceBusPeer
+
+    @classmethod
+    def start(cls, sqs_port: int) -> "LocalPeers":
+        try:
+            sqs = start_sqs_peer("127.0.0.1", sqs_port, in_process=False)
+        except RuntimeError as error:
+            raise CommandError(
+                f"The local SQS peer could not start on 127.0.0.1:{sqs_port}: {error} "
+                "Choose another port with --sqs-port."
+            ) from error
+        for queue in demo.SQS_QUEUES.values():
+            create_queue(sqs.endpoint_url, queue, region=demo.DEMO_REGION)
+
+        pubsub = start_pubsub_peer("127.0.0.1")
+        topic = create_topic(pubsub.endpoint, demo.PUBSUB_PROJECT, demo.PUBSUB_TOPIC)
+        create_subscription(pubsub.endpoint, topic, "demo-orders-sub", ordering=True)
+
+        servicebus = start_servicebus_peer(
+            "127.0.0.1", session_queues=[demo.SERVICEBUS_QUEUE]
+        )
+        return cls(sqs=sqs, pubsub=pubsub, servicebus=servicebus)
+
+    def environment(self) -> dict[str, str]:
+        """Environment variables that send both stages' calls to the peers."""
+        return {
+            **sqs_peer_environment(self.sqs.endpoint_url),
+            **pubsub_peer_environment(self.pubsub.endpoint),
+        }
+
+    def stop(self) -> None:
+        self.servicebus.stop()
+        self.pubsub.stop()
+        self.sqs.stop()
