@@ -10,6 +10,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import redirect
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.decorators import method_decorator
@@ -28,6 +29,7 @@ from .forms import (
     SECRET_FIELDS,
     DestinationForm,
 )
+from .grants import grant_for
 from .models import Application, Destination, Kind, State
 
 
@@ -50,6 +52,12 @@ def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet
     return model.objects.filter(
         **{f"{prefix}destination": OuterRef("pk"), f"{prefix}event__is_test": True}
     )
+
+
+# Error kinds that mean the partner has not granted the stage's identity enough.
+ACCESS_ERRORS = frozenset(
+    {"access_denied", "kms_access_denied", "unauthorized", "unauthenticated"}
+)
 
 
 def counted(count: int, singular: str, plural: str = "") -> str:
@@ -195,13 +203,25 @@ class DestinationAdmin(admin.ModelAdmin):
                 attempt.duration_ms,
                 attempt.remote_message_id,
             )
-        return format_html(
+        result = format_html(
             '<span class="test-result" data-status="error">{} at {} UTC ({}): {}'
             "</span>",
             attempt.get_outcome_display(),
             when,
             attempt.error_kind,
             attempt.message,
+        )
+        if attempt.error_kind in ACCESS_ERRORS:
+            result += format_html(
+                ' <a href="#what-to-grant">What the {} identity needs</a>',
+                destination.stage,
+            )
+        return result
+
+    @admin.display(description="instructions")
+    def grant_guidance(self, destination: Destination) -> str:
+        return render_to_string(
+            "destinations/grant.html", {"grant": grant_for(destination)}
         )
 
     @admin.display(description="connection string")
@@ -231,6 +251,7 @@ class DestinationAdmin(admin.ModelAdmin):
             ("Retries", {"fields": RETRY_FIELDS, "classes": ("collapse",)})
         )
         if obj is not None:
+            fieldsets.append(("What to grant", {"fields": ("grant_guidance",)}))
             fieldsets.append(("Delivery state", {"fields": STATE_FIELDS}))
             fieldsets.append(
                 (
@@ -263,7 +284,13 @@ class DestinationAdmin(admin.ModelAdmin):
     ) -> tuple[str, ...]:
         if obj is None:
             return ()
-        return ("kind", "servicebus_summary", "latest_test", *STATE_FIELDS)
+        return (
+            "kind",
+            "servicebus_summary",
+            "grant_guidance",
+            "latest_test",
+            *STATE_FIELDS,
+        )
 
     def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
         initial = super().get_changeform_initial_data(request)

@@ -110,6 +110,9 @@ STAGE_IDENTITIES = {
         "aws_secret_access_key": env.str(f"{stage}_AWS_SECRET_ACCESS_KEY", default=""),
         "aws_profile": env.str(f"{stage}_AWS_PROFILE", default=""),
         "sqs_endpoint_url": env.str(f"{stage}_SQS_ENDPOINT_URL", default=""),
+        # The IAM role or user ARN partners grant sqs:SendMessage to, shown in the
+        # grant instructions.
+        "aws_principal_arn": env.str(f"{stage}_AWS_PRINCIPAL_ARN", default=""),
         # A service account key file; empty uses application default credentials.
         "gcp_credentials_file": env.str(f"{stage}_GCP_CREDENTIALS_FILE", default=""),
         # The account partners grant roles/pubsub.publisher to, shown in messages.
