@@ -3,12 +3,13 @@
 It implements the Publisher and Subscriber calls that google-cloud-pubsub makes to
 publish, and those that tests need to read messages back: CreateTopic, GetTopic,
 DeleteTopic, Publish, CreateSubscription, GetSubscription, DeleteSubscription, Pull,
-Acknowledge and ModifyAckDeadline. Clients reach it as they reach Google's emulator,
-through PUBSUB_EMULATOR_HOST=host:port, or through an explicit insecure channel.
+Acknowledge and ModifyAckDeadline, and google.iam.v1.IAMPolicy's TestIamPermissions
+on topics. Clients reach it as they reach Google's emulator, through
+PUBSUB_EMULATOR_HOST=host:port, or through an explicit insecure channel.
 
 Unlike Google's emulator it enforces the service's size limits, and a test can make
-it fail the next publishes with a chosen gRPC status code. It keeps everything in
-memory.
+it fail the next publishes with a chosen gRPC status code, or deny permissions on a
+topic. It keeps everything in memory.
 
 Run it alone with `python -m delivery.peers.pubsub --port 8085`.
 """
@@ -38,6 +39,7 @@ from typing import IO, Any
 import grpc
 from google.api_core import exceptions as api_exceptions
 from google.cloud import pubsub_v1
+from google.iam.v1 import iam_policy_pb2
 from google.pubsub_v1 import types
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
@@ -155,6 +157,9 @@ class PeerState:
         self._failures: deque[tuple[grpc.StatusCode, str]] = deque()
         self._published: list[PublishedMessage] = []
         self._calls: list[RecordedCall] = []
+        # Permissions TestIamPermissions leaves out, by topic name. Every other
+        # permission asked about an existing topic is granted.
+        self._denied: dict[str, set[str]] = {}
 
     # Test controls.
 
@@ -181,10 +186,18 @@ class PeerState:
         with self._condition:
             return len(self._failures)
 
+    def deny_permissions(self, topic: str, permissions: list[str]) -> None:
+        """Make TestIamPermissions on `topic` (a full name) leave out
+        `permissions`, such as "pubsub.topics.publish"."""
+        with self._condition:
+            self._denied.setdefault(topic, set()).update(permissions)
+
     def reset(self) -> None:
-        """Forget every topic, subscription, message, injected failure and call."""
+        """Forget every topic, subscription, message, injected failure, denied
+        permission and call."""
         with self._condition:
             self._topics.clear()
+            self._denied.clear()
             self._subscriptions.clear()
             self._failures.clear()
             self._published.clear()
@@ -283,6 +296,19 @@ class PeerState:
             )
         )
         return stored
+
+    # IAMPolicy.
+
+    def test_iam_permissions(
+        self, request: iam_policy_pb2.TestIamPermissionsRequest
+    ) -> iam_policy_pb2.TestIamPermissionsResponse:
+        topic_id = _topic_id(request.resource)
+        with self._condition:
+            if request.resource not in self._topics:
+                raise _not_found(topic_id)
+            denied = self._denied.get(request.resource, set())
+        granted = [name for name in request.permissions if name not in denied]
+        return iam_policy_pb2.TestIamPermissionsResponse(permissions=granted)
 
     # Subscriber.
 
@@ -624,6 +650,34 @@ def _subscriber_handler(state: PeerState) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("google.pubsub.v1.Subscriber", handlers)
 
 
+def _iam_handler(state: PeerState) -> grpc.GenericRpcHandler:
+    handlers = {
+        "TestIamPermissions": _unary(
+            state,
+            "TestIamPermissions",
+            lambda request, _: state.test_iam_permissions(request),
+            _Protobuf(iam_policy_pb2.TestIamPermissionsRequest),
+            _Protobuf(iam_policy_pb2.TestIamPermissionsResponse),
+        ),
+    }
+    return grpc.method_handlers_generic_handler("google.iam.v1.IAMPolicy", handlers)
+
+
+class _Protobuf:
+    """Gives a plain protobuf class, such as google.iam.v1's, the serialize and
+    deserialize methods of the proto-plus types that `_unary` expects."""
+
+    def __init__(self, message_type: Any) -> None:
+        self.message_type = message_type
+
+    def deserialize(self, raw: bytes) -> Any:
+        return self.message_type.FromString(raw)
+
+    @staticmethod
+    def serialize(message: Any) -> bytes:
+        return bytes(message.SerializeToString())
+
+
 class _Empty:
     """google.protobuf.Empty on the wire: zero bytes."""
 
@@ -652,6 +706,13 @@ def _admin_handler(state: PeerState) -> grpc.GenericRpcHandler:
         state.reset()
         return {}
 
+    def deny_permissions(request: dict[str, Any], context: Any) -> dict[str, Any]:
+        state.deny_permissions(
+            str(request.get("topic", "")),
+            [str(p) for p in request.get("permissions", [])],
+        )
+        return {}
+
     def json_handler(call: Callable[..., Any]) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             call,
@@ -664,13 +725,14 @@ def _admin_handler(state: PeerState) -> grpc.GenericRpcHandler:
         {
             "FailNextPublishes": json_handler(fail_next_publishes),
             "Reset": json_handler(reset),
+            "DenyPermissions": json_handler(deny_permissions),
         },
     )
 
 
 def admin_call(endpoint: str, method: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Call the peer's admin `method` ("FailNextPublishes" or "Reset") at
-    `endpoint`."""
+    """Call the peer's admin `method` ("FailNextPublishes", "Reset" or
+    "DenyPermissions") at `endpoint`."""
     with grpc.insecure_channel(endpoint) as channel:
         call = channel.unary_unary(
             f"/{ADMIN_SERVICE}/{method}",
@@ -718,6 +780,18 @@ class PubSubPeer:
             self.endpoint,
             "FailNextPublishes",
             {"count": count, "code": code.name, "details": details},
+        )
+
+    def deny_permissions(self, topic: str, permissions: list[str]) -> None:
+        """Make TestIamPermissions on `topic` (a full name) leave out
+        `permissions`."""
+        if self.state is not None:
+            self.state.deny_permissions(topic, permissions)
+            return
+        admin_call(
+            self.endpoint,
+            "DenyPermissions",
+            {"topic": topic, "permissions": list(permissions)},
         )
 
     def reset(self) -> None:
@@ -776,6 +850,7 @@ def serve(state: PeerState, host: str, port: int) -> _Serving:
         (
             _publisher_handler(state),
             _subscriber_handler(state),
+            _iam_handler(state),
             _admin_handler(state),
         )
     )

@@ -7,7 +7,7 @@ of the delivery tables: the engine records what it returns.
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
@@ -54,6 +54,21 @@ class Failure:
 Result = Sent | Failure
 
 
+@dataclass
+class CheckResult:
+    """The outcome of checking a destination without sending to it."""
+
+    # True only when the check confirmed access and found nothing to fix.
+    ok: bool
+    # Facts read from the destination's service, such as its maximum message size.
+    findings: list[str] = field(default_factory=list)
+    # Settings of this destination that differ from the service's: each names both
+    # values and the fix.
+    mismatches: list[str] = field(default_factory=list)
+    # Why the check could not get through, as sending would report it.
+    failure: Failure | None = None
+
+
 class Transport(ABC):
     """Sends to one destination; instances may be cached and reused in a process."""
 
@@ -65,3 +80,18 @@ class Transport(ABC):
     @abstractmethod
     def send(self, messages: Sequence[OutgoingMessage]) -> list[Result]:
         """Send `messages` in order and return one result per message."""
+
+    def check(self) -> CheckResult:
+        """Check access to the destination and compare its settings with the
+        service's, without sending a message.
+
+        Kinds whose protocol offers no such check keep this default.
+        """
+        return CheckResult(
+            ok=False,
+            findings=[
+                "No check without side effects exists for "
+                f"{self.destination.get_kind_display()} destinations. Send a test "
+                "event to check access."
+            ],
+        )

@@ -36,7 +36,15 @@ from google.pubsub_v1.services.publisher.transports import PublisherGrpcTranspor
 from destinations.models import Destination, Kind
 
 from . import register
-from .base import Blame, Failure, OutgoingMessage, Result, Sent, Transport
+from .base import (
+    Blame,
+    CheckResult,
+    Failure,
+    OutgoingMessage,
+    Result,
+    Sent,
+    Transport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +403,57 @@ class PubSubTransport(Transport):
             _resume(client, errors.topic, item.key)
         return failure
 
+    def check(self) -> CheckResult:
+        """Ask Pub/Sub whether the stage's service account may publish to the
+        topic (TestIamPermissions), which publishes nothing."""
+        identity = _Identity.for_stage(self.destination.stage)
+        errors = _Errors(self.destination, identity)
+        try:
+            client = publisher_for(self.destination)
+        except (GoogleAuthError, OSError, ValueError) as error:
+            return CheckResult(ok=False, failure=errors.platform_settings(error))
+
+        try:
+            response = client.test_iam_permissions(
+                request={"resource": errors.topic, "permissions": [PUBLISH_PERMISSION]},
+                retry=None,
+                timeout=settings.PUBSUB_TIMEOUT,
+            )
+        except api_exceptions.MethodNotImplemented:
+            # Google's Pub/Sub emulator implements no IAM calls.
+            return CheckResult(
+                ok=False,
+                findings=[
+                    f"The Pub/Sub server for topic {errors.topic} does not implement "
+                    "TestIamPermissions, so access could not be checked. Send a test "
+                    "event to check it."
+                ],
+            )
+        except api_exceptions.GoogleAPICallError as error:
+            failure = errors.from_api_error(error)
+            logger.info(
+                "Checking destination %s: TestIamPermissions failed (%s)",
+                self.destination.pk,
+                failure.kind,
+            )
+            return CheckResult(ok=False, failure=failure)
+        except (GoogleAuthError, RuntimeError, ValueError) as error:
+            return CheckResult(ok=False, failure=errors.client_error(error))
+
+        if PUBLISH_PERMISSION not in response.permissions:
+            return CheckResult(ok=False, failure=errors.publish_not_granted())
+        findings = [
+            f"{_sentence_start(errors.account)} holds {PUBLISH_PERMISSION} on topic "
+            f"{errors.topic}."
+        ]
+        if self.destination.pubsub_ordering:
+            findings.append(
+                "Events carry an ordering key, but a subscription delivers them in "
+                "order only if it was created with message ordering enabled "
+                "(gcloud pubsub subscriptions create ... --enable-message-ordering)."
+            )
+        return CheckResult(ok=True, findings=findings)
+
 
 def _resume(client: pubsub_v1.PublisherClient, topic: str, key: str) -> None:
     """Let the client publish with `key` again after a failure paused it."""
@@ -487,6 +546,16 @@ class _Errors:
             f"{self.account} holds {self._grant()}.",
         )
 
+    def publish_not_granted(self) -> Failure:
+        # NOTE: for a topic that does not exist, Pub/Sub may return no permissions
+        # instead of NOT_FOUND, so the message names both causes.
+        return self.permanent(
+            "access_denied",
+            f"{_sentence_start(self.account)} does not hold {PUBLISH_PERMISSION} on "
+            f"topic {self.topic}, or the topic does not exist. Grant {self.account} "
+            f"{self._grant()}.",
+        )
+
     def from_retry_error(self, error: api_exceptions.RetryError) -> Failure:
         cause = error.cause
         if isinstance(cause, api_exceptions.GoogleAPICallError):
@@ -554,6 +623,11 @@ class _Errors:
     def _detail(self, error: api_exceptions.GoogleAPICallError) -> str:
         text = _shorten(" ".join(str(error.message or "").split()))
         return f" ({text})" if text else ""
+
+
+def _sentence_start(text: str) -> str:
+    """Return `text` with its first letter in uppercase and the rest unchanged."""
+    return text[:1].upper() + text[1:]
 
 
 def _shorten(text: str) -> str:
