@@ -22,6 +22,7 @@ from delivery.models import Attempt, Delivery, DeliveryStatus, Outcome
 from delivery.replay import events_in_range, replay, retry_failed
 from delivery.testevents import send_test_event
 
+from .admin_checks import CheckAccessMixin
 from .forms import (
     COMMON_FIELDS,
     KIND_FIELDS,
@@ -114,7 +115,7 @@ class ReplayForm(forms.Form):
 
 
 @admin.register(Destination)
-class DestinationAdmin(admin.ModelAdmin):
+class DestinationAdmin(CheckAccessMixin, admin.ModelAdmin):
     form = DestinationForm
     list_display = (
         "name",
