@@ -24,9 +24,9 @@ from django.urls import reverse
 from pytest_django import Settings
 
 from destinations.encryption import EncryptedTextField
-from destinations.management.commands import rotate_secrets
 from destinations.management.commands.rotate_secrets import encrypted_fields
 from destinations.models import Application, Destination, Kind, Stage
+from destinations.rotation import SecretRotation
 from tests.conftest import TEST_ENCRYPTION_KEY, database_url
 
 pytestmark = pytest.mark.django_db
@@ -325,16 +325,16 @@ def test_concurrent_edit_is_not_overwritten(
     destination = servicebus_destination(application)
     settings.ENCRYPTION_KEYS = [KEY_B, KEY_A]
     edited_token = Fernet(KEY_B.encode()).encrypt(NEW_CONNECTION_STRING.encode())
-    original_rotate_token = rotate_secrets.Command.rotate_token
+    original_rotate_token = SecretRotation.rotate_token
 
-    def rotate_during_edit(command: rotate_secrets.Command, token: str) -> str:
+    def rotate_during_edit(rotation: SecretRotation, token: str) -> str:
         # Another process saves a new secret between the command's read and write.
         Destination.objects.filter(pk=destination.pk).update(
             servicebus_connection_string=edited_token.decode()
         )
-        return original_rotate_token(command, token)
+        return original_rotate_token(rotation, token)
 
-    monkeypatch.setattr(rotate_secrets.Command, "rotate_token", rotate_during_edit)
+    monkeypatch.setattr(SecretRotation, "rotate_token", rotate_during_edit)
 
     output, _ = rotate()
 
