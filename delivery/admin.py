@@ -3,11 +3,17 @@
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Exists, Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
 
+from . import bulk
 from .engine import earlier_unfinished
-from .models import Attempt, Delivery, DeliveryStatus, Event
+from .models import Attempt, BulkJob, Delivery, DeliveryStatus, Event
+from .pagination import LargeTableAdminMixin
 from .replay import retry_failed
 
 
@@ -47,7 +53,7 @@ class DeliveryInline(ReadOnlyMixin, admin.TabularInline):
 
 
 @admin.register(Event)
-class EventAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class EventAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = ("id", "type", "object_key", "time", "application", "stage")
     list_filter = ("stage", "is_test", "type")
     list_select_related = ("application",)
@@ -65,13 +71,10 @@ class EventAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "data",
     )
     inlines = (DeliveryInline,)
-    # The search box is an exact match on indexed columns, so a count of matches is
-    # cheap, but the unfiltered total over millions of rows is not.
-    show_full_result_count = False
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class DeliveryAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
         "event",
         "event_type",
@@ -100,7 +103,6 @@ class DeliveryAdmin(ReadOnlyMixin, admin.ModelAdmin):
     )
     inlines = (AttemptInline,)
     actions = ("retry_selected",)
-    show_full_result_count = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Delivery]:
         waiting = Q(status=DeliveryStatus.PENDING) & ~Q(ordering_key="")
@@ -136,3 +138,53 @@ class DeliveryAdmin(ReadOnlyMixin, admin.ModelAdmin):
             "ones are retried.",
             messages.SUCCESS,
         )
+
+
+def bulk_rows(job: BulkJob) -> list[bulk.Row]:
+    return [bulk.describe(job, item) for item in bulk.results(job)]
+
+
+@admin.register(BulkJob)
+class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    """Bulk actions on destinations; a job's page shows its progress."""
+
+    list_display = ("__str__", "created_by", "created_at", "done", "finished_at")
+    list_select_related = ("created_by",)
+    fields = ()
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Whoever started a job may follow it without rights on jobs in general.
+        if obj is not None and obj.created_by_id == request.user.pk:
+            return True
+        return super().has_view_permission(request, obj)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        job = self.get_object(request, object_id)
+        if job is None:
+            self.message_user(
+                request,
+                f"No bulk action with ID {object_id!r} exists; it may have been "
+                "deleted.",
+                messages.WARNING,
+            )
+            return redirect(reverse("admin:delivery_bulkjob_changelist"))
+        if not self.has_view_permission(request, job):
+            raise PermissionDenied
+
+        progress = bulk.progress(job)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": str(job),
+            "job": job,
+            "progress": progress,
+            "rows": [] if progress.running else bulk_rows(job),
+        }
+        template = "admin/delivery/bulkjob/progress.html"
+        return TemplateResponse(request, template, context)

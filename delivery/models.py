@@ -1,9 +1,11 @@
 """Events, their deliveries to destinations, and every attempt to send one."""
 
 import json
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -109,6 +111,12 @@ class Delivery(models.Model):
         ]
         indexes = [
             models.Index(fields=["destination", "status"]),
+            # The admin's latest test event per destination.
+            models.Index(
+                fields=["destination", "-created_at"],
+                condition=models.Q(is_test=True),
+                name="delivery_test_by_destination",
+            ),
             # The claim query: due pending deliveries, oldest first.
             models.Index(
                 fields=["next_attempt_at"],
@@ -138,12 +146,44 @@ class Outcome(models.TextChoices):
     PERMANENT_ERROR = "permanent_error", "Permanent error"
 
 
+class AttemptQuerySet(models.QuerySet["Attempt"]):
+    # Same parameters as QuerySet.bulk_create, whose stub types them by a type
+    # variable that a subclass cannot name.
+    def bulk_create(  # type: ignore[override]
+        self,
+        objs: Iterable["Attempt"],
+        batch_size: int | None = None,
+        ignore_conflicts: bool = False,
+        update_conflicts: bool = False,
+        update_fields: Collection[str] | None = None,
+        unique_fields: Collection[str] | None = None,
+    ) -> list["Attempt"]:
+        attempts = list(objs)
+        for attempt in attempts:
+            attempt.copy_from_delivery()
+        super().bulk_create(
+            cast(Any, attempts),
+            batch_size,
+            ignore_conflicts,
+            update_conflicts,
+            update_fields,
+            unique_fields,
+        )
+        return attempts
+
+
 class Attempt(models.Model):
     """One try at sending a delivery, kept whatever its outcome."""
 
     delivery = models.ForeignKey(
         Delivery, on_delete=models.CASCADE, related_name="attempts"
     )
+    # Copies of the delivery's columns, so a destination's recent attempts are one
+    # index range away instead of a join through its deliveries.
+    destination = models.ForeignKey(
+        Destination, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    is_test = models.BooleanField(default=False)
     started_at = models.DateTimeField()
     duration_ms = models.PositiveIntegerField()
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
@@ -155,9 +195,92 @@ class Attempt(models.Model):
     )
     remote_message_id = models.CharField(max_length=255, blank=True)
 
+    objects = AttemptQuerySet.as_manager()
+
     class Meta:
         ordering = ["-started_at"]
-        indexes = [models.Index(fields=["delivery", "-started_at"])]
+        indexes = [
+            models.Index(fields=["delivery", "-started_at"]),
+            # The admin's destination list: the latest attempt and the last 24 hours.
+            models.Index(
+                fields=["destination", "is_test", "-started_at"],
+                name="attempt_by_destination",
+            ),
+            models.Index(
+                fields=["destination", "is_test", "-started_at"],
+                condition=~models.Q(outcome="success"),
+                name="attempt_failed_by_destination",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.get_outcome_display()} at {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.copy_from_delivery()
+        super().save(*args, **kwargs)
+
+    def copy_from_delivery(self) -> None:
+        """Fill the columns copied from the delivery, unless they are set."""
+        if self.destination_id is None:
+            self.destination_id = self.delivery.destination_id
+            self.is_test = self.delivery.is_test
+
+
+class BulkJobKind(models.TextChoices):
+    TEST_EVENT = "test_event", "Send test event"
+    RETRY_FAILED = "retry_failed", "Retry failed deliveries"
+
+
+class BulkJob(models.Model):
+    """A staff action on many destinations. A worker does it in chunks, so the
+    request that asked for it returns at once; the job's page shows its progress
+    and, per destination, its result."""
+
+    kind = models.CharField(max_length=16, choices=BulkJobKind.choices)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Worked through in this order; `done` is how far the worker got.
+    destination_ids = models.JSONField(default=list)
+    total = models.PositiveIntegerField()
+    done = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "bulk action"
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} on {self.total} destinations"
+
+
+class BulkJobItem(models.Model):
+    """What a bulk job did for one destination."""
+
+    job = models.ForeignKey(BulkJob, on_delete=models.CASCADE, related_name="items")
+    # Null when the destination was deleted after it was selected.
+    destination = models.ForeignKey(
+        Destination, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    destination_name = models.CharField(max_length=200)
+    # The test event's delivery, whose status is the result of a test send.
+    delivery = models.ForeignKey(
+        Delivery, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    # Retrying: how many failed deliveries were queued again.
+    count = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["job", "destination_name"])]
+
+    def __str__(self) -> str:
+        return f"{self.job} / {self.destination_name}"

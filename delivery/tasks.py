@@ -33,6 +33,15 @@ def sweep() -> None:
         wake_workers()
 
 
+@shared_task(acks_late=True, ignore_result=True)
+def run_bulk_job(job_id: int) -> None:
+    """Do a staff bulk action on its destinations, in chunks."""
+    # Imported here: the bulk actions use modules that queue this module's tasks.
+    from . import bulk
+
+    bulk.run(job_id)
+
+
 def wake_workers() -> None:
     """Queue wake-up messages; a broker that is down only delays delivery, because
     the sweep wakes workers again once it is back."""

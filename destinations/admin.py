@@ -8,23 +8,31 @@ from django.contrib.admin import helpers
 from django.contrib.admin.utils import flatten_fieldsets, unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    StreamingHttpResponse,
+)
 from django.shortcuts import redirect
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
+from django.utils.text import Truncator
 from django.views.decorators.debug import sensitive_post_parameters
 
-from delivery import health
-from delivery.models import Attempt, Delivery, DeliveryStatus, Outcome
-from delivery.replay import events_in_range, replay, retry_failed
+from delivery import bulk, health
+from delivery.models import Attempt, BulkJobKind, Delivery, DeliveryStatus, Outcome
+from delivery.replay import events_in_range, replay
+from delivery.summaries import last_status, success_rate, with_delivery_figures
 from delivery.testevents import send_test_event
 
 from .admin_checks import CheckAccessMixin
 from .admin_secrets import SecretsAdminMixin
 from .audit import AuditMixin
+from .export import csv_response
 from .forms import (
     COMMON_FIELDS,
     KIND_FIELDS,
@@ -51,10 +59,9 @@ class ApplicationAdmin(admin.ModelAdmin):
         return int(application.destinations__count)
 
 
-def _latest_test(model: type[Delivery] | type[Attempt], prefix: str) -> QuerySet[Any]:
-    return model.objects.filter(
-        **{f"{prefix}destination": OuterRef("pk"), f"{prefix}event__is_test": True}
-    )
+def _latest_test(model: type[Delivery] | type[Attempt]) -> QuerySet[Any]:
+    # Both tables index test rows by destination: see their Meta.indexes.
+    return model.objects.filter(destination=OuterRef("pk"), is_test=True)
 
 
 # Error kinds that mean the partner has not granted the stage's identity enough.
@@ -128,6 +135,9 @@ class DestinationAdmin(
         "kind",
         "target",
         "state",
+        "last_delivery",
+        "success_rate_24h",
+        "last_error_summary",
         "last_test_result",
     )
     list_filter = ("stage", "kind", StateFilter)
@@ -148,23 +158,20 @@ class DestinationAdmin(
         "send_test_events",
         "retry_failed_deliveries",
         "replay_events",
+        "export_csv",
     )
     change_form_template = "admin/destinations/destination/change_form.html"
 
     # Listing and change pages.
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Destination]:
-        deliveries = _latest_test(Delivery, "").order_by("-created_at")
-        attempts = _latest_test(Attempt, "delivery__").order_by("-started_at")
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                last_test_status=Subquery(deliveries.values("status")[:1]),
-                last_test_outcome=Subquery(attempts.values("outcome")[:1]),
-                last_test_error=Subquery(attempts.values("error_kind")[:1]),
-                last_test_at=Subquery(attempts.values("started_at")[:1]),
-            )
+        deliveries = _latest_test(Delivery).order_by("-created_at")
+        attempts = _latest_test(Attempt).order_by("-started_at")
+        return with_delivery_figures(super().get_queryset(request)).annotate(
+            last_test_status=Subquery(deliveries.values("status")[:1]),
+            last_test_outcome=Subquery(attempts.values("outcome")[:1]),
+            last_test_error=Subquery(attempts.values("error_kind")[:1]),
+            last_test_at=Subquery(attempts.values("started_at")[:1]),
         )
 
     @admin.display(description="last test")
@@ -179,6 +186,29 @@ class DestinationAdmin(
         if outcome == Outcome.SUCCESS:
             return f"Delivered {when}"
         return f"Failed {when}: {destination.last_test_error}"
+
+    @admin.display(description="last delivery")
+    def last_delivery(self, destination: Any) -> str:
+        return last_status(destination)
+
+    @admin.display(description="delivered, 24 h")
+    def success_rate_24h(self, destination: Any) -> str:
+        return success_rate(destination)
+
+    @admin.display(description="last error")
+    def last_error_summary(self, destination: Any) -> str:
+        if not destination.last_error:
+            return "-"
+        text = Truncator(destination.last_error).chars(80)
+        when = getattr(destination, "last_error_at", None)
+        if when is None:
+            return text
+        return format_html(
+            '<span title="{}">{}</span> <span class="error-time">({})</span>',
+            destination.last_error,
+            text,
+            f"{when:%Y-%m-%d %H:%M}",
+        )
 
     @admin.display(description="latest test event")
     def latest_test(self, destination: Destination) -> str:
@@ -410,30 +440,35 @@ class DestinationAdmin(
     @admin.action(description="Send test event", permissions=["change"])
     def send_test_events(
         self, request: HttpRequest, queryset: QuerySet[Destination]
-    ) -> None:
-        queued = 0
-        for destination in queryset.select_related("application"):
-            send_test_event(destination, requested_by=request.user)
-            queued += 1
-        self.message_user(
-            request,
-            f"Queued {counted(queued, 'test event')}. The 'last test' column shows "
-            "each result "
-            "once the worker has sent it.",
-            messages.SUCCESS,
-        )
+    ) -> HttpResponse:
+        return self._start_bulk_job(request, queryset, BulkJobKind.TEST_EVENT)
 
     @admin.action(description="Retry failed deliveries", permissions=["change"])
     def retry_failed_deliveries(
         self, request: HttpRequest, queryset: QuerySet[Destination]
-    ) -> None:
-        count = retry_failed(Delivery.objects.filter(destination__in=queryset))
+    ) -> HttpResponse:
+        return self._start_bulk_job(request, queryset, BulkJobKind.RETRY_FAILED)
+
+    def _start_bulk_job(
+        self, request: HttpRequest, queryset: QuerySet[Destination], kind: BulkJobKind
+    ) -> HttpResponse:
+        # Only the ids are read here, whatever the number of destinations: the
+        # worker does the rest, and the job's page shows how far it got.
+        ids = list(queryset.order_by("pk").values_list("pk", flat=True))
+        job = bulk.start(kind, ids, request.user)
         self.message_user(
             request,
-            f"Queued {counted(count, 'failed delivery', 'failed deliveries')} again "
-            f"for {counted(queryset.count(), 'destination')}.",
+            f"{kind.label}: {counted(len(ids), 'destination')} queued. This page "
+            "shows the progress and then each destination's result.",
             messages.SUCCESS,
         )
+        return redirect(reverse("admin:delivery_bulkjob_change", args=[job.pk]))
+
+    @admin.action(description="Export selected as CSV", permissions=["view"])
+    def export_csv(
+        self, request: HttpRequest, queryset: QuerySet[Destination]
+    ) -> StreamingHttpResponse:
+        return csv_response(queryset)
 
     @admin.action(description="Replay events of a time range", permissions=["change"])
     def replay_events(

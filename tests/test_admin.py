@@ -7,7 +7,7 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.urls import reverse
 
-from delivery.models import Attempt, Delivery, DeliveryStatus, Outcome
+from delivery.models import Attempt, BulkJob, Delivery, DeliveryStatus, Outcome
 from delivery.testevents import send_test_event
 from destinations.models import Application, Destination, Kind, Stage
 
@@ -241,7 +241,7 @@ def test_bulk_disable_then_enable_reports_counts(
     assert Destination.objects.filter(enabled=True).count() == 2
 
 
-def test_bulk_send_test_reports_queued_count(
+def test_bulk_send_test_starts_a_job(
     admin_client: Client,
     sqs_destination: Destination,
     servicebus_destination: Destination,
@@ -253,12 +253,16 @@ def test_bulk_send_test_reports_queued_count(
         response = admin_client.post(
             CHANGELIST_URL,
             {"action": "send_test_events", "_selected_action": selected},
-            follow=True,
         )
 
-    assert "Queued 2 test events." in response.text
-    assert Delivery.objects.filter(event__is_test=True).count() == 2
-    assert len(callbacks) == 2
+    job = BulkJob.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == reverse(
+        "admin:delivery_bulkjob_change", args=[job.pk]
+    )
+    assert job.destination_ids == sorted(int(pk) for pk in selected)
+    assert len(callbacks) == 1
+    assert not Delivery.objects.exists()
 
 
 def test_send_test_button_needs_post(

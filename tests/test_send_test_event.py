@@ -13,10 +13,19 @@ from django.test import Client
 from django.urls import reverse
 
 from delivery.ids import ALPHABET, new_ulid, ulid_timestamp_ms
-from delivery.models import Attempt, Delivery, DeliveryStatus, Event, Outcome
+from delivery.models import (
+    Attempt,
+    BulkJob,
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Outcome,
+)
 from delivery.tasks import wake_workers
 from delivery.testevents import TEST_EVENT_TYPE, send_test_event
 from destinations.models import Application, Destination, Kind, Stage
+
+from .bulk_waits import wait_for_job
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -323,6 +332,7 @@ def test_admin_action_sends_test_events(
     )
 
     assert response.status_code == 302
+    wait_for_job(worker, BulkJob.objects.get().pk)
     for destination, queue in zip(destinations, queues, strict=True):
         created = Delivery.objects.get(destination=destination, event__is_test=True)
         delivery = worker.wait_for_delivery(created.pk)

@@ -214,8 +214,13 @@ def test_list_action_sends_test_event(
     page.get_by_role("button", name="Run", exact=True).click()
 
     expect(page.locator(".messagelist .success")).to_contain_text(
-        "Queued 1 test event."
+        "Send test event: 1 destination queued."
     )
+    # The job's page reloads itself until the test delivery has its outcome.
+    expect(page.locator(".bulk-job")).to_have_attribute(
+        "data-state", "finished", timeout=RESULT_DEADLINE_SECONDS * 1000
+    )
+    page.goto("/admin/destinations/destination/")
     last_test = destination_row(page, "Orders queue").locator(
         "td.field-last_test_result"
     )
