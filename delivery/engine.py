@@ -47,6 +47,20 @@ def earlier_unfinished() -> QuerySet[Delivery]:
     )
 
 
+def claimable(now: datetime) -> QuerySet[Delivery]:
+    """Return the deliveries a worker may claim at `now`, as `claim` describes."""
+    # Test events go out even to a paused or disabled destination: staff send them
+    # to check a destination before enabling it.
+    sendable = Q(is_test=True) | Q(
+        destination__enabled=True, destination__paused_at__isnull=True
+    )
+    return (
+        Delivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+        .filter(sendable)
+        .filter(Q(ordering_key="") | ~Exists(earlier_unfinished()))
+    )
+
+
 def claim(worker: str, limit: int) -> list[Delivery]:
     """Lease up to `limit` due deliveries to `worker` and return them.
 
@@ -58,17 +72,7 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     IMMEDIATE, which serialises claims between processes instead.
     """
     now = timezone.now()
-    # Test events go out even to a paused or disabled destination: staff send them
-    # to check a destination before enabling it.
-    sendable = Q(is_test=True) | Q(
-        destination__enabled=True, destination__paused_at__isnull=True
-    )
-    due = (
-        Delivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
-        .filter(sendable)
-        .filter(Q(ordering_key="") | ~Exists(earlier_unfinished()))
-        .order_by("next_attempt_at", "pk")
-    )
+    due = claimable(now).order_by("next_attempt_at", "pk")
 
     with transaction.atomic():
         locked = due.select_for_update(skip_locked=True, of=("self",))
@@ -352,6 +356,10 @@ def release_expired_leases() -> int:
 
 
 def has_due_work() -> bool:
-    return Delivery.objects.filter(
-        status=DeliveryStatus.PENDING, next_attempt_at__lte=timezone.now()
-    ).exists()
+    """Return whether a worker could claim a delivery now.
+
+    A due delivery of a paused destination, or one waiting behind an earlier
+    delivery of its ordering key, does not count. Otherwise every sweep would wake
+    workers that claim nothing, for as long as it waits.
+    """
+    return claimable(timezone.now()).exists()
