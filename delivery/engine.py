@@ -47,6 +47,16 @@ def earlier_unfinished() -> QuerySet[Delivery]:
     )
 
 
+def sending_same_key() -> QuerySet[Delivery]:
+    """Return, for use in Exists() against an outer Delivery, the deliveries of the
+    same destination and ordering key that a worker is sending now."""
+    return Delivery.objects.filter(
+        destination=OuterRef("destination"),
+        ordering_key=OuterRef("ordering_key"),
+        status=DeliveryStatus.SENDING,
+    )
+
+
 def claimable(now: datetime) -> QuerySet[Delivery]:
     """Return the deliveries a worker may claim at `now`, as `claim` describes."""
     # Test events go out even to a paused or disabled destination: staff send them
@@ -57,7 +67,10 @@ def claimable(now: datetime) -> QuerySet[Delivery]:
     return (
         Delivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
         .filter(sendable)
-        .filter(Q(ordering_key="") | ~Exists(earlier_unfinished()))
+        .filter(
+            Q(ordering_key="")
+            | (~Exists(earlier_unfinished()) & ~Exists(sending_same_key()))
+        )
     )
 
 
@@ -66,9 +79,12 @@ def claim(worker: str, limit: int) -> list[Delivery]:
 
     For a destination that keeps order, only the head of each ordering key is due:
     a delivery waits while one of the same key with an earlier event (by time, then
-    event id) is unfinished. On
-    PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint rows.
-    SQLite ignores it, but this project opens SQLite transactions with BEGIN
+    event id) is unfinished. It also waits while any delivery of its key is being
+    sent: an older event that was retried or replayed must not go out alongside a
+    newer one already in flight.
+
+    On PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint
+    rows. SQLite ignores it, but this project opens SQLite transactions with BEGIN
     IMMEDIATE, which serialises claims between processes instead.
     """
     now = timezone.now()

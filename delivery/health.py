@@ -166,13 +166,29 @@ def enable(destination: Destination) -> int:
 
 
 def disable(destination: Destination) -> None:
-    """Disable `destination` by hand: it gets no new deliveries until enabled."""
-    Destination.objects.filter(pk=destination.pk).update(enabled=False)
+    """Disable `destination` by hand: it gets no new deliveries until enabled.
+
+    A pause is cleared too. Otherwise a paused destination that staff switched off
+    would still collect held deliveries, and its state would still read as paused.
+    Its existing held and pending deliveries stay, and go out when it is enabled.
+    """
+    Destination.objects.filter(pk=destination.pk).update(
+        enabled=False,
+        paused_at=None,
+        pause_reason="",
+        disabled_at=None,
+        disabled_reason="",
+    )
 
 
 def sweep_failing_destinations() -> int:
     """Disable destinations that have failed long enough, even if no attempt ran
-    since (a paused destination makes none). Return how many were disabled."""
+    since, as when retries are hours apart. Return how many were disabled.
+
+    A paused destination stays paused: it makes no attempts, and its contacts
+    already received the reason by e-mail, which is more precise than "kept
+    failing".
+    """
     now = timezone.now()
     cutoff = now - timedelta(hours=settings.AUTO_DISABLE_AFTER_HOURS)
     candidates = Destination.objects.filter(

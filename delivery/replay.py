@@ -73,10 +73,11 @@ def replay(destination: Destination, start: datetime, end: datetime) -> int:
     events = events_in_range(destination, start, end)
     with transaction.atomic():
         existing = Delivery.objects.filter(destination=destination, event__in=events)
+        # Counted before the update, which makes the requeued ones unfinished too.
+        unfinished = existing.filter(status__in=UNFINISHED).count()
         requeued = existing.exclude(status__in=UNFINISHED).update(
             status=status, next_attempt_at=now, scheduled_at=now, updated_at=now
         )
-        unfinished = existing.filter(status__in=UNFINISHED).count()
         missing = events.exclude(deliveries__destination=destination).order_by(
             "time", "id"
         )

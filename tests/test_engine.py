@@ -1,0 +1,803 @@
+"""The delivery engine: claims with leases, order per key, retries, attempts and the
+lease guard, driven through a recording transport.
+
+The last tests claim from two threads at once, and run two real Celery worker
+processes that send to a FIFO queue on the SQS peer."""
+
+import json
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from delivery import engine, tasks
+from delivery.models import (
+    Attempt,
+    Delivery,
+    DeliveryStatus,
+    Outcome,
+)
+from delivery.peers.sqs import SqsPeer, peer_environment, sqs_client
+from delivery.publishing import parse_envelope, publish_many
+from delivery.retry import retry_delay
+from delivery.transports import Sent
+from destinations.models import Application, Destination, Stage
+
+from .conftest import (
+    AWS_VARIABLES,
+    TEST_ENCRYPTION_KEY,
+    WORKER_START_SECONDS,
+    Worker,
+    database_url,
+)
+from .delivery_doubles import (
+    BASE_TIME,
+    THROTTLED,
+    TOO_LARGE,
+    Script,
+    install_transport,
+    make_application,
+    make_destination,
+    make_due,
+    queue_events,
+    run_until_idle,
+    status_of,
+)
+
+if TYPE_CHECKING:
+    from .conftest import PeerQueue
+
+pytestmark = pytest.mark.django_db
+
+KEY_A = "4102/st-1/order/a"
+KEY_B = "4102/st-1/order/b"
+KEY_C = "4102/st-1/order/c"
+
+
+@pytest.fixture
+def transport(monkeypatch: pytest.MonkeyPatch) -> Script:
+    return install_transport(monkeypatch)
+
+
+@pytest.fixture
+def application() -> Application:
+    return make_application()
+
+
+@pytest.fixture
+def fifo(application: Application) -> Destination:
+    return make_destination(application, ordered=True)
+
+
+@pytest.fixture
+def standard(application: Application) -> Destination:
+    return make_destination(application, ordered=False)
+
+
+def claimed_ids(deliveries: list[Delivery]) -> list[str]:
+    return sorted(delivery.event_id for delivery in deliveries)
+
+
+def set_status(delivery: Delivery, status: str, **fields: Any) -> None:
+    Delivery.objects.filter(pk=delivery.pk).update(status=status, **fields)
+
+
+# Claiming.
+
+
+def test_claim_returns_only_due_pending(fifo: Destination) -> None:
+    later = timezone.now() + timedelta(minutes=5)
+    deliveries = queue_events(
+        fifo,
+        [
+            ("due", KEY_A, 1),
+            ("later", KEY_B, 2),
+            ("delivered", KEY_C, 3),
+            ("failed", "4102/st-1/order/d", 4),
+            ("held", "4102/st-1/order/e", 5),
+            ("sending", "4102/st-1/order/f", 6),
+        ],
+    )
+    set_status(deliveries["later"], DeliveryStatus.PENDING, next_attempt_at=later)
+    set_status(deliveries["delivered"], DeliveryStatus.DELIVERED)
+    set_status(deliveries["failed"], DeliveryStatus.FAILED)
+    set_status(deliveries["held"], DeliveryStatus.HELD)
+    set_status(deliveries["sending"], DeliveryStatus.SENDING, claimed_by="other")
+
+    claimed = engine.claim("worker-1", limit=10)
+
+    assert claimed_ids(claimed) == ["due"]
+
+
+def test_claim_leases_to_worker(fifo: Destination, settings: Any) -> None:
+    settings.DELIVERY_LEASE_SECONDS = 90
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    before = timezone.now()
+
+    engine.claim("worker-1", limit=10)
+
+    after = timezone.now()
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.SENDING
+    assert delivery.claimed_by == "worker-1"
+    assert delivery.lease_expires_at is not None
+    assert delivery.lease_expires_at >= before + timedelta(seconds=90)
+    assert delivery.lease_expires_at <= after + timedelta(seconds=90)
+
+
+def test_claim_takes_oldest_due_first(standard: Destination) -> None:
+    deliveries = queue_events(standard, [("e1", KEY_A, 1), ("e2", KEY_B, 2)])
+    Delivery.objects.filter(pk=deliveries["e1"].pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+    Delivery.objects.filter(pk=deliveries["e2"].pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=30)
+    )
+
+    claimed = engine.claim("worker-1", limit=1)
+
+    assert claimed_ids(claimed) == ["e2"]
+
+
+def test_claimed_delivery_not_claimed_again(standard: Destination) -> None:
+    queue_events(standard, [("e1", KEY_A, 1)])
+    engine.claim("worker-1", limit=10)
+
+    claimed = engine.claim("worker-2", limit=10)
+
+    assert claimed == []
+
+
+# Order per ordering key.
+
+
+def test_ordered_claim_takes_key_heads(fifo: Destination) -> None:
+    queue_events(
+        fifo,
+        [
+            ("a1", KEY_A, 1),
+            ("b1", KEY_B, 2),
+            ("a2", KEY_A, 3),
+            ("c1", KEY_C, 4),
+            ("b2", KEY_B, 5),
+            ("c2", KEY_C, 6),
+        ],
+    )
+
+    claimed = engine.claim("worker-1", limit=10)
+
+    assert claimed_ids(claimed) == ["a1", "b1", "c1"]
+
+
+def test_ordered_keys_flow_independently(fifo: Destination, transport: Script) -> None:
+    queue_events(
+        fifo,
+        [
+            ("a1", KEY_A, 1),
+            ("b1", KEY_B, 2),
+            ("c1", KEY_C, 3),
+            ("a2", KEY_A, 4),
+            ("c2", KEY_C, 5),
+            ("a3", KEY_A, 6),
+        ],
+    )
+
+    run_until_idle()
+
+    batches = [[message.event_id for message in batch] for batch in transport.batches]
+    assert batches == [["a1", "b1", "c1"], ["a2", "c2"], ["a3"]]
+
+
+def test_transient_head_blocks_only_its_key(
+    fifo: Destination, transport: Script
+) -> None:
+    deliveries = queue_events(
+        fifo,
+        [
+            ("a1", KEY_A, 1),
+            ("b1", KEY_B, 2),
+            ("a2", KEY_A, 3),
+            ("b2", KEY_B, 4),
+            ("b3", KEY_B, 5),
+        ],
+    )
+    transport.then("a1", THROTTLED)
+
+    run_until_idle()
+
+    assert transport.sent_with_key(KEY_A) == ["a1"]
+    assert transport.sent_with_key(KEY_B) == ["b1", "b2", "b3"]
+    assert status_of(deliveries["a1"]) == DeliveryStatus.PENDING
+    assert status_of(deliveries["a2"]) == DeliveryStatus.PENDING
+    assert status_of(deliveries["b3"]) == DeliveryStatus.DELIVERED
+
+
+def test_blocked_key_resumes_in_order(fifo: Destination, transport: Script) -> None:
+    deliveries = queue_events(
+        fifo,
+        [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("b1", KEY_B, 3), ("a3", KEY_A, 4)],
+    )
+    transport.then("a1", THROTTLED)
+    run_until_idle()
+
+    make_due()
+    run_until_idle()
+
+    assert transport.sent_with_key(KEY_A) == ["a1", "a1", "a2", "a3"]
+    assert {status_of(delivery) for delivery in deliveries.values()} == {
+        DeliveryStatus.DELIVERED
+    }
+
+
+def test_order_follows_event_time_not_creation(
+    fifo: Destination, transport: Script
+) -> None:
+    # Created newest first: the order of the rows must not matter.
+    queue_events(fifo, [("a3", KEY_A, 30), ("a1", KEY_A, 10), ("a2", KEY_A, 20)])
+
+    run_until_idle()
+
+    assert transport.sent_with_key(KEY_A) == ["a1", "a2", "a3"]
+
+
+def test_same_time_events_go_by_id(fifo: Destination, transport: Script) -> None:
+    queue_events(fifo, [("a-2", KEY_A, 10), ("a-3", KEY_A, 10), ("a-1", KEY_A, 10)])
+
+    run_until_idle()
+
+    assert transport.sent_with_key(KEY_A) == ["a-1", "a-2", "a-3"]
+
+
+def test_unordered_claims_all_due_at_once(standard: Destination) -> None:
+    queue_events(standard, [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3)])
+
+    claimed = engine.claim("worker-1", limit=10)
+
+    assert claimed_ids(claimed) == ["a1", "a2", "a3"]
+
+
+def test_unordered_failure_blocks_nothing(
+    standard: Destination, transport: Script
+) -> None:
+    deliveries = queue_events(
+        standard, [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3)]
+    )
+    transport.then("a1", THROTTLED)
+
+    run_until_idle()
+
+    assert status_of(deliveries["a1"]) == DeliveryStatus.PENDING
+    assert status_of(deliveries["a2"]) == DeliveryStatus.DELIVERED
+    assert status_of(deliveries["a3"]) == DeliveryStatus.DELIVERED
+
+
+def test_message_failure_fails_and_key_moves_on(
+    fifo: Destination, transport: Script
+) -> None:
+    deliveries = queue_events(fifo, [("a1", KEY_A, 1), ("a2", KEY_A, 2)])
+    transport.then("a1", TOO_LARGE)
+
+    run_until_idle()
+
+    fifo.refresh_from_db()
+    assert transport.sent_with_key(KEY_A) == ["a1", "a2"]
+    assert status_of(deliveries["a1"]) == DeliveryStatus.FAILED
+    assert status_of(deliveries["a2"]) == DeliveryStatus.DELIVERED
+    assert fifo.paused_at is None
+    assert fifo.consecutive_failures == 0
+
+
+# Retries.
+
+
+def test_transient_failures_back_off_exponentially(
+    application: Application, transport: Script
+) -> None:
+    destination = make_destination(
+        application, retry_initial_delay=10, retry_max_delay=60
+    )
+    delivery = queue_events(destination, [("a1", KEY_A, 1)])["a1"]
+    transport.then("a1", *[THROTTLED] * 6)
+
+    for attempt in range(1, 7):
+        make_due()
+        before = timezone.now()
+        engine.run_once("worker-1")
+        after = timezone.now()
+
+        delivery.refresh_from_db()
+        base = timedelta(seconds=min(60, 10 * 2 ** (attempt - 1)))
+        assert delivery.attempt_count == attempt
+        assert delivery.next_attempt_at is not None
+        assert delivery.next_attempt_at >= before + base / 2
+        assert delivery.next_attempt_at <= after + base
+
+
+def test_retry_delay_draws_equal_jitter(fifo: Destination) -> None:
+    fifo.retry_initial_delay = 5
+    fifo.retry_max_delay = 300
+    rng = random.Random(20250303)
+
+    for attempt in range(1, 12):
+        delay = retry_delay(fifo, attempt, rng)
+
+        base = min(300, 5 * 2 ** (attempt - 1))
+        assert delay >= timedelta(seconds=base / 2)
+        assert delay <= timedelta(seconds=base)
+
+
+def test_retry_delay_repeats_for_seed(fifo: Destination) -> None:
+    first = [retry_delay(fifo, n, random.Random(7)) for n in range(1, 6)]
+    second = [retry_delay(fifo, n, random.Random(7)) for n in range(1, 6)]
+
+    assert first == second
+
+
+def test_retry_delay_caps_huge_attempt_counts(fifo: Destination) -> None:
+    delay = retry_delay(fifo, 10_000, random.Random(1))
+
+    assert delay <= timedelta(seconds=fifo.retry_max_delay)
+
+
+def test_transient_failure_after_window_fails(
+    application: Application, transport: Script
+) -> None:
+    destination = make_destination(application, retry_window=1)
+    delivery = queue_events(destination, [("a1", KEY_A, 1)])["a1"]
+    # The window started an hour and a minute ago: the failure comes too late.
+    Delivery.objects.filter(pk=delivery.pk).update(
+        scheduled_at=timezone.now() - timedelta(hours=1, minutes=1)
+    )
+    transport.then("a1", THROTTLED)
+
+    engine.run_once("worker-1")
+
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.FAILED
+    assert delivery.next_attempt_at is None
+    assert delivery.attempt_count == 1
+
+
+def test_transient_failure_inside_window_retries(
+    application: Application, transport: Script
+) -> None:
+    destination = make_destination(application, retry_window=1)
+    delivery = queue_events(destination, [("a1", KEY_A, 1)])["a1"]
+    Delivery.objects.filter(pk=delivery.pk).update(
+        scheduled_at=timezone.now() - timedelta(minutes=59)
+    )
+    transport.then("a1", THROTTLED)
+
+    engine.run_once("worker-1")
+
+    assert status_of(delivery) == DeliveryStatus.PENDING
+
+
+# Attempts.
+
+
+def test_every_attempt_is_recorded(fifo: Destination, transport: Script) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    transport.then("a1", THROTTLED)
+    transport.delay_seconds = 0.02
+    run_until_idle()
+    make_due()
+
+    run_until_idle()
+
+    failed, sent = delivery.attempts.order_by("started_at")
+    assert failed.outcome == Outcome.TRANSIENT_ERROR
+    assert failed.error_kind == THROTTLED.kind
+    assert failed.message == THROTTLED.message
+    assert failed.duration_ms >= 20
+    assert sent.outcome == Outcome.SUCCESS
+    assert sent.remote_message_id == "remote-a1"
+    assert sent.duration_ms >= 20
+
+
+def test_permanent_failure_attempt_recorded(
+    fifo: Destination, transport: Script
+) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    transport.then("a1", TOO_LARGE)
+    before = timezone.now()
+
+    run_until_idle()
+
+    attempt = delivery.attempts.get()
+    assert attempt.outcome == Outcome.PERMANENT_ERROR
+    assert attempt.error_kind == TOO_LARGE.kind
+    assert attempt.message == TOO_LARGE.message
+    assert attempt.started_at >= before
+
+
+def test_transport_exception_becomes_transient_failure(
+    fifo: Destination, transport: Script
+) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    transport.error = RuntimeError("connection pool exhausted")
+
+    run_until_idle()
+
+    attempt = delivery.attempts.get()
+    assert status_of(delivery) == DeliveryStatus.PENDING
+    assert attempt.outcome == Outcome.TRANSIENT_ERROR
+    assert attempt.error_kind == "internal_error"
+    assert "RuntimeError" in attempt.message
+
+
+def test_batch_carries_event_body_and_key(fifo: Destination, transport: Script) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+
+    run_until_idle()
+
+    [[message]] = transport.batches
+    assert message.body == delivery.event.body()
+    assert message.object_key == KEY_A
+    assert message.event_type == "ACCEPT"
+
+
+# Leases.
+
+
+def test_expired_lease_returns_to_pending(fifo: Destination) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    engine.claim("host-1:4242", limit=10)
+    Delivery.objects.filter(pk=delivery.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    released = engine.release_expired_leases()
+
+    delivery.refresh_from_db()
+    attempt = delivery.attempts.get()
+    assert released == 1
+    assert delivery.status == DeliveryStatus.PENDING
+    assert delivery.claimed_by == ""
+    assert delivery.lease_expires_at is None
+    assert delivery.next_attempt_at is not None
+    assert delivery.next_attempt_at <= timezone.now()
+    assert attempt.outcome == Outcome.TRANSIENT_ERROR
+    assert attempt.error_kind == "lease_expired"
+    assert "host-1:4242" in attempt.message
+
+
+def test_live_lease_is_kept(fifo: Destination) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    engine.claim("worker-1", limit=10)
+
+    released = engine.release_expired_leases()
+
+    assert released == 0
+    assert status_of(delivery) == DeliveryStatus.SENDING
+
+
+def test_lease_guard_keeps_new_owner(fifo: Destination) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    [stale] = engine.claim("worker-a", limit=10)
+    Delivery.objects.filter(pk=delivery.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    engine.release_expired_leases()
+    engine.claim("worker-b", limit=10)
+
+    engine.record("worker-a", fifo, [stale], [Sent("late")], timezone.now(), 5)
+
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.SENDING
+    assert delivery.claimed_by == "worker-b"
+
+
+def test_lease_owner_records_after_stale_worker(fifo: Destination) -> None:
+    delivery = queue_events(fifo, [("a1", KEY_A, 1)])["a1"]
+    [stale] = engine.claim("worker-a", limit=10)
+    Delivery.objects.filter(pk=delivery.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    engine.release_expired_leases()
+    [current] = engine.claim("worker-b", limit=10)
+    engine.record("worker-a", fifo, [stale], [Sent("late")], timezone.now(), 5)
+
+    engine.record("worker-b", fifo, [current], [Sent("owner")], timezone.now(), 5)
+
+    delivery.refresh_from_db()
+    assert delivery.status == DeliveryStatus.DELIVERED
+    assert delivery.claimed_by == ""
+
+
+# Claims from two threads at once.
+
+CLAIM_POOL = 200
+CLAIM_KEYS = 5
+# More than half the keys, so the threads compete for the same heads.
+CLAIM_LIMIT = 4
+MAX_EMPTY_CLAIMS = 20_000
+# The session's Celery worker, once started, shares the test database and claims
+# whatever is due. Deliveries due only on a clock a day ahead keep it out.
+CLOCK_SHIFT = timedelta(days=1)
+
+
+@dataclass
+class ClaimLog:
+    """What two claiming threads saw, checked under one lock."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    claimed: set[int] = field(default_factory=set)
+    repeats: list[str] = field(default_factory=list)
+    overlaps: list[str] = field(default_factory=list)
+    in_flight: set[str] = field(default_factory=set)
+    order: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    finished: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def start(self, worker: str, deliveries: list[Delivery]) -> None:
+        with self.lock:
+            for delivery in deliveries:
+                if delivery.pk in self.claimed:
+                    self.repeats.append(f"{worker} claimed {delivery.event_id} again")
+                if delivery.ordering_key in self.in_flight:
+                    self.overlaps.append(
+                        f"{worker} claimed {delivery.event_id} while an earlier "
+                        f"delivery of {delivery.ordering_key} was unfinished"
+                    )
+                self.claimed.add(delivery.pk)
+                self.in_flight.add(delivery.ordering_key)
+                self.order[delivery.ordering_key].append(delivery.event_id)
+
+    def finish(self, deliveries: list[Delivery]) -> None:
+        # Called before the result is committed: from then on the next delivery of
+        # the key may be claimed, so it must already be out of in_flight.
+        with self.lock:
+            for delivery in deliveries:
+                self.in_flight.discard(delivery.ordering_key)
+
+    def count(self, deliveries: list[Delivery]) -> None:
+        with self.lock:
+            self.finished += len(deliveries)
+
+
+def claim_until_done(worker: str, log: ClaimLog) -> None:
+    try:
+        empty_claims = 0
+        while log.finished < CLAIM_POOL and empty_claims < MAX_EMPTY_CLAIMS:
+            claimed = engine.claim(worker, CLAIM_LIMIT)
+            if not claimed:
+                empty_claims += 1
+                time.sleep(0.001)
+                continue
+
+            empty_claims = 0
+            log.start(worker, claimed)
+            # Holding the lease a moment gives the other thread time to claim.
+            time.sleep(0.002)
+            log.finish(claimed)
+            results = [Sent(f"remote-{delivery.event_id}") for delivery in claimed]
+            destination = claimed[0].destination
+            engine.record(worker, destination, claimed, results, timezone.now(), 2)
+            log.count(claimed)
+    except Exception as error:
+        log.errors.append(f"{worker}: {error!r}")
+    finally:
+        connection.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_claims_never_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + CLOCK_SHIFT)
+    destination = make_destination(make_application())
+    keys = [f"4102/st-1/order/{number}" for number in range(CLAIM_KEYS)]
+    rng = random.Random(200)
+    events = [
+        (f"e{number:03d}", rng.choice(keys), number) for number in range(CLAIM_POOL)
+    ]
+    expected_order = defaultdict(list)
+    for event_id, key, _ in events:
+        expected_order[key].append(event_id)
+    # Rows created in an order unrelated to event time, so claiming by row order
+    # alone would break the order per key.
+    rng.shuffle(events)
+    queue_events(destination, events)
+    log = ClaimLog()
+    threads = [
+        threading.Thread(target=claim_until_done, args=(f"claimer-{n}", log))
+        for n in range(2)
+    ]
+
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    delivered = Delivery.objects.filter(status=DeliveryStatus.DELIVERED)
+    assert log.errors == []
+    assert log.repeats == []
+    assert log.overlaps == []
+    assert len(log.claimed) == CLAIM_POOL
+    assert dict(log.order) == dict(expected_order)
+    assert delivered.count() == CLAIM_POOL
+
+
+# Two Celery worker processes sending to a FIFO queue on the SQS peer.
+
+WORKER_EVENTS = 100
+WORKER_KEYS = 10
+FINISH_SECONDS = 180.0
+MAX_RECEIVES = 100
+SECOND_WORKER_QUEUE = f"engine-second-{os.getpid()}"
+
+
+@pytest.fixture
+def second_worker(
+    worker: Worker,
+    sqs_peer: SqsPeer,
+    celery_broker: dict[str, str],
+    tmp_path: Path,
+) -> Iterator[Worker]:
+    """A second `celery worker` on the same database, broker and SQS peer as the
+    session's worker, claiming 3 deliveries at a time. Besides the default queue it
+    consumes SECOND_WORKER_QUEUE, so a test can wake it alone. Only the session's
+    worker runs beat."""
+    environment = {
+        name: value for name, value in os.environ.items() if name not in AWS_VARIABLES
+    }
+    environment.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "ENV_FILE": "",
+            "DATABASE_URL": database_url(connection.settings_dict),
+            "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+            "SQS_TIMEOUT": "5",
+            "DELIVERY_CLAIM_SIZE": "3",
+            "LOG_LEVEL": "INFO",
+            **celery_broker,
+            **peer_environment(sqs_peer.endpoint_url),
+        }
+    )
+    command = [
+        str(Path(sys.executable).parent / "celery"),
+        "-A",
+        "portal",
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "-l",
+        "info",
+        "-n",
+        f"tests-second-{os.getpid()}@127.0.0.1",
+        "-Q",
+        f"celery,{SECOND_WORKER_QUEUE}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    second = Worker(command, environment, tmp_path / "second-worker.log")
+    try:
+        second.wait_until_ready(WORKER_START_SECONDS)
+        yield second
+    finally:
+        second.stop()
+
+
+def order_envelope(number: int) -> str:
+    return json.dumps(
+        {
+            "id": f"evt-{number:03d}",
+            "time": (BASE_TIME + timedelta(seconds=number)).isoformat(),
+            "type": "ACCEPT",
+            "data": {
+                "channel_id": "4102",
+                "channel_store_id": "st-1",
+                "channel_order_id": f"o-{number % WORKER_KEYS}",
+            },
+        }
+    )
+
+
+def wait_until_finished(destination: Destination, workers: list[Worker]) -> None:
+    unfinished = Delivery.objects.filter(
+        destination=destination,
+        status__in=(DeliveryStatus.PENDING, DeliveryStatus.SENDING),
+    )
+    deadline = time.monotonic() + FINISH_SECONDS
+    while unfinished.exists():
+        if time.monotonic() > deadline:
+            logs = "\n".join(worker.log()[-20_000:] for worker in workers)
+            raise AssertionError(
+                f"{unfinished.count()} deliveries unfinished after "
+                f"{FINISH_SECONDS:g} s. The workers' logs:\n{logs}"
+            )
+        time.sleep(0.2)
+
+
+def wait_until_claimed(destination: Destination, workers: list[Worker]) -> None:
+    pending = Delivery.objects.filter(
+        destination=destination, status=DeliveryStatus.PENDING
+    )
+    deadline = time.monotonic() + FINISH_SECONDS
+    while pending.count() == WORKER_EVENTS:
+        if time.monotonic() > deadline:
+            logs = "\n".join(worker.log()[-20_000:] for worker in workers)
+            raise AssertionError(
+                f"No delivery was claimed after {FINISH_SECONDS:g} s. The workers' "
+                f"logs:\n{logs}"
+            )
+        time.sleep(0.05)
+
+
+def receive_all(queue: "PeerQueue") -> list[dict[str, Any]]:
+    """Receive and delete messages until the queue returns none. A FIFO queue holds
+    back a group's later messages while one is received and not deleted."""
+    client = sqs_client(queue.endpoint_url)
+    received: list[dict[str, Any]] = []
+    for _ in range(MAX_RECEIVES):
+        messages = queue.receive()
+        if not messages:
+            break
+        received.extend(messages)
+        client.delete_message_batch(
+            QueueUrl=queue.peer_url,
+            Entries=[
+                {"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]}
+                for index, message in enumerate(messages)
+            ],
+        )
+    return received
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_deliver_once_in_order(
+    worker: Worker,
+    second_worker: Worker,
+    make_sqs_queue: Callable[..., "PeerQueue"],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queue = make_sqs_queue("engine", fifo=True)
+    application = make_application()
+    destination = make_destination(
+        application, name=f"queue {queue.name}", sqs_queue_url=queue.url
+    )
+    envelopes = [parse_envelope(order_envelope(n)) for n in range(WORKER_EVENTS)]
+    key_of = {envelope.id: envelope.object_key for envelope in envelopes}
+    expected = defaultdict(list)
+    for envelope in envelopes:
+        expected[envelope.object_key].append(envelope.id)
+
+    # A worker that claims all heads keeps them: it claims each key's next event as
+    # soon as it records the last. So the second worker, which claims only 3, is
+    # woken first, and the session's worker, which claims up to 100, once the
+    # second one has started.
+    monkeypatch.setattr(tasks, "wake_workers", lambda: None)
+    publish_many(application, Stage.PROD, envelopes)
+    tasks.send_due.apply_async(queue=SECOND_WORKER_QUEUE)
+    wait_until_claimed(destination, [worker, second_worker])
+    tasks.send_due.delay()
+    wait_until_finished(destination, [worker, second_worker])
+    messages = receive_all(queue)
+
+    copies = Counter(
+        message["Attributes"]["MessageDeduplicationId"] for message in messages
+    )
+    received = defaultdict(list)
+    for message in messages:
+        event_id = message["MessageAttributes"]["event_id"]["StringValue"]
+        received[key_of[event_id]].append(event_id)
+    successes = Attempt.objects.filter(
+        delivery__destination=destination, outcome=Outcome.SUCCESS
+    )
+    assert sorted(copies) == sorted(key_of)
+    assert set(copies.values()) == {1}
+    assert dict(received) == dict(expected)
+    assert successes.count() == WORKER_EVENTS
+    assert successes.values("delivery").distinct().count() == WORKER_EVENTS

@@ -1,0 +1,371 @@
+"""Publishing: checking envelopes, ordering keys per event type, recording events
+with their deliveries in the caller's transaction, and the publish_events command."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+from django.utils import timezone
+
+from delivery.models import Delivery, DeliveryStatus, Event
+from delivery.publishing import InvalidEvent, parse_envelope, publish, publish_many
+from destinations.models import Application, Destination, Stage
+
+from .conftest import TEST_ENCRYPTION_KEY, database_url
+from .delivery_doubles import make_application, make_destination
+
+pytestmark = pytest.mark.django_db
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STREAM = FIXTURES / "stream.jsonl"
+STREAM_INDEX = FIXTURES / "stream_index.csv"
+STREAM_EVENTS = 500
+ACCEPT_DATA = {
+    "channel_id": "4102",
+    "channel_store_id": "st-1",
+    "channel_order_id": "o-1",
+}
+
+
+def envelope(**fields: Any) -> dict[str, Any]:
+    values = {
+        "id": "01jndgay2hjz1mv1tjv14z4gpq",
+        "time": "2025-03-03T08:00:40.017Z",
+        "type": "ACCEPT",
+        "data": ACCEPT_DATA,
+    }
+    values.update(fields)
+    return values
+
+
+def without(name: str) -> str:
+    values = envelope()
+    del values[name]
+    return json.dumps(values)
+
+
+def stream_lines() -> list[str]:
+    return STREAM.read_text(encoding="utf-8").splitlines()
+
+
+class TerminalStringIO(StringIO):
+    """Captured output that claims to be a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def application() -> Application:
+    return make_application()
+
+
+def run_publish_events(path: Path, **streams: Any) -> None:
+    call_command(
+        "publish_events",
+        str(path),
+        "--application",
+        "shop",
+        "--stage",
+        "PROD",
+        **streams,
+    )
+
+
+# Checking envelopes.
+
+
+def test_parse_names_missing_id() -> None:
+    with pytest.raises(InvalidEvent, match="id is None; it must be a non-empty string"):
+        parse_envelope(without("id"))
+
+
+def test_parse_names_missing_type() -> None:
+    with pytest.raises(InvalidEvent, match="type is None"):
+        parse_envelope(without("type"))
+
+
+def test_parse_names_bad_time() -> None:
+    with pytest.raises(InvalidEvent, match="time is 'yesterday'; it must be an ISO"):
+        parse_envelope(envelope(time="yesterday"))
+
+
+def test_parse_rejects_time_without_zone() -> None:
+    with pytest.raises(InvalidEvent, match=r"time is '2025-03-03T08:00:40'.*time zone"):
+        parse_envelope(envelope(time="2025-03-03T08:00:40"))
+
+
+def test_parse_names_non_object_data() -> None:
+    with pytest.raises(InvalidEvent, match=r"data is \[1, 2\], not a JSON object"):
+        parse_envelope(envelope(data=[1, 2]))
+
+
+def test_parse_rejects_invalid_json() -> None:
+    with pytest.raises(InvalidEvent, match=r"not valid JSON \(.* at character 1\)"):
+        parse_envelope('{not json"}')
+
+
+def test_parse_rejects_non_object_envelope() -> None:
+    with pytest.raises(InvalidEvent, match="JSON list, not an object"):
+        parse_envelope("[1, 2]")
+
+
+def test_parse_names_missing_order_id() -> None:
+    data = {"channel_id": "4102", "channel_store_id": "st-1"}
+
+    with pytest.raises(InvalidEvent) as error:
+        parse_envelope(envelope(type="CREATE_SHIPMENT", data=data))
+
+    assert "data.channel_order_id is missing" in str(error.value)
+    assert "CREATE_SHIPMENT" in str(error.value)
+    assert "01jndgay2hjz1mv1tjv14z4gpq" in str(error.value)
+
+
+def test_parse_rejects_overlong_id() -> None:
+    with pytest.raises(InvalidEvent, match="is 65 characters long; the limit is 64"):
+        parse_envelope(envelope(id="e" * 65))
+
+
+def test_parse_keeps_published_text() -> None:
+    line = json.dumps(envelope(), indent=None)
+
+    parsed = parse_envelope(line + "\n")
+
+    assert parsed.raw == line
+
+
+# Ordering keys.
+
+
+def test_stream_keys_match_index() -> None:
+    with STREAM_INDEX.open(encoding="utf-8", newline="") as index:
+        expected = {row["id"]: row["group_key"] for row in csv.DictReader(index)}
+
+    keys = {
+        parsed.id: parsed.object_key
+        for parsed in (parse_envelope(line) for line in stream_lines())
+    }
+
+    assert len(keys) == STREAM_EVENTS
+    assert keys == expected
+
+
+def test_unknown_type_keyed_by_product() -> None:
+    data = {"channel_id": "4102", "store_id": "st-1", "product_id": "p-9"}
+
+    parsed = parse_envelope(envelope(type="PRODUCT_DELETE", data=data))
+
+    assert parsed.object_key == "4102/st-1/product/p-9"
+
+
+def test_unknown_type_without_ids_keyed_alone() -> None:
+    parsed = parse_envelope(envelope(type="CATALOG_SYNC_DONE", data={"batch": 7}))
+
+    assert parsed.object_key == "event/01jndgay2hjz1mv1tjv14z4gpq"
+
+
+# Recording events and deliveries.
+
+
+def test_publish_queues_delivery_per_destination(application: Application) -> None:
+    fifo = make_destination(application, ordered=True)
+    standard = make_destination(application, ordered=False)
+    make_destination(application, stage=Stage.TEST, name="Test stage")
+
+    result = publish(application, Stage.PROD, json.dumps(envelope()))
+
+    deliveries = {
+        delivery.destination_id: delivery for delivery in Delivery.objects.all()
+    }
+    event = Event.objects.get()
+    assert result.recorded == 1
+    assert result.deliveries == 2
+    assert set(deliveries) == {fifo.pk, standard.pk}
+    assert deliveries[fifo.pk].status == DeliveryStatus.PENDING
+    assert deliveries[fifo.pk].ordering_key == "4102/st-1/order/o-1"
+    assert deliveries[standard.pk].ordering_key == ""
+    assert deliveries[fifo.pk].event_time == event.time
+
+
+def test_publish_rolls_back_with_caller(application: Application) -> None:
+    make_destination(application)
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        publish(application, Stage.PROD, json.dumps(envelope()))
+        raise RuntimeError("the caller's own work failed")
+
+    assert not Event.objects.exists()
+    assert not Delivery.objects.exists()
+
+
+def test_publish_wakes_workers_after_commit(
+    application: Application, django_capture_on_commit_callbacks: Any
+) -> None:
+    make_destination(application)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        publish(application, Stage.PROD, json.dumps(envelope()))
+
+    assert len(callbacks) == 1
+
+
+def test_publish_skips_recorded_id(application: Application) -> None:
+    make_destination(application)
+    publish(application, Stage.PROD, json.dumps(envelope()))
+
+    result = publish(application, Stage.PROD, json.dumps(envelope()))
+
+    assert result.recorded == 0
+    assert result.duplicates == 1
+    assert result.deliveries == 0
+    assert Delivery.objects.count() == 1
+
+
+def test_publish_many_skips_repeated_id(application: Application) -> None:
+    make_destination(application)
+    first = parse_envelope(envelope())
+    second = parse_envelope(envelope(id="01jndgc8kta42bb9qh4pbfgzh8"))
+
+    result = publish_many(application, Stage.PROD, [first, second, first])
+
+    assert result.recorded == 2
+    assert result.duplicates == 1
+    assert Delivery.objects.count() == 2
+
+
+def test_publish_dict_body_is_compact_json(application: Application) -> None:
+    publish(application, Stage.PROD, envelope())
+
+    event = Event.objects.get()
+
+    assert json.loads(event.body()) == envelope()
+    assert b" " not in event.body()
+
+
+# The publish_events command.
+
+
+def test_publish_events_reports_counts(application: Application) -> None:
+    make_destination(application, ordered=True)
+    make_destination(application, ordered=False, paused_at=timezone.now())
+    stdout = StringIO()
+
+    run_publish_events(STREAM, stdout=stdout, stderr=StringIO())
+
+    assert stdout.getvalue().strip() == (
+        "shop PROD: 500 events recorded, 0 already recorded and skipped, 0 invalid; "
+        "1000 deliveries queued (500 held for paused or disabled destinations)."
+    )
+    assert Event.objects.count() == STREAM_EVENTS
+
+
+def test_publish_events_twice_skips_all(application: Application) -> None:
+    make_destination(application)
+    run_publish_events(STREAM, stdout=StringIO(), stderr=StringIO())
+    stdout = StringIO()
+
+    run_publish_events(STREAM, stdout=stdout, stderr=StringIO())
+
+    assert "0 events recorded, 500 already recorded and skipped" in stdout.getvalue()
+    assert Delivery.objects.count() == STREAM_EVENTS
+
+
+def test_publish_events_reports_invalid_line(
+    application: Application, tmp_path: Path
+) -> None:
+    lines = stream_lines()
+    path = tmp_path / "events.jsonl"
+    path.write_text(f"{lines[0]}\n{{not json\n{lines[1]}\n", encoding="utf-8")
+    stdout, stderr = StringIO(), StringIO()
+
+    with pytest.raises(CommandError, match="were invalid and not published") as error:
+        run_publish_events(path, stdout=stdout, stderr=stderr)
+
+    assert error.value.returncode == 1
+    assert "line 2: The envelope is not valid JSON" in stderr.getvalue()
+    assert "2 events recorded, 0 already recorded and skipped, 1 invalid" in (
+        stdout.getvalue()
+    )
+    assert Event.objects.count() == 2
+
+
+def test_publish_events_names_unknown_application(application: Application) -> None:
+    with pytest.raises(CommandError, match="No application has the slug 'nope'"):
+        call_command(
+            "publish_events", str(STREAM), "--application", "nope", "--stage", "PROD"
+        )
+
+
+def test_publish_events_shows_progress_on_terminal(application: Application) -> None:
+    stderr = TerminalStringIO()
+
+    run_publish_events(STREAM, stdout=StringIO(), stderr=stderr)
+
+    assert "\r[" in stderr.getvalue()
+    assert "500/500 lines" in stderr.getvalue()
+
+
+def test_publish_events_quiet_when_redirected(application: Application) -> None:
+    stderr = StringIO()
+
+    run_publish_events(STREAM, stdout=StringIO(), stderr=stderr)
+
+    assert stderr.getvalue() == ""
+
+
+def test_event_body_is_published_bytes(application: Application) -> None:
+    run_publish_events(STREAM, stdout=StringIO(), stderr=StringIO())
+
+    expected = {json.loads(line)["id"]: line.encode() for line in stream_lines()}
+    bodies = {event.id: event.body() for event in Event.objects.all()}
+
+    assert bodies == expected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_events_exits_nonzero_on_invalid(
+    tmp_path: Path, celery_broker: dict[str, str]
+) -> None:
+    # Committed, so the command's own process can read the application.
+    Application.objects.create(name="Shop", slug="shop")
+    lines = stream_lines()
+    path = tmp_path / "events.jsonl"
+    path.write_text(f"{lines[0]}\n[]\n", encoding="utf-8")
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "ENV_FILE": "",
+        "DATABASE_URL": database_url(connection.settings_dict),
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        **celery_broker,
+    }
+
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "publish_events",
+            str(path),
+            *("--application", "shop", "--stage", "PROD"),
+        ],
+        cwd=settings.BASE_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert finished.returncode == 1
+    assert "line 2: The envelope is a JSON list, not an object" in finished.stderr
+    assert Event.objects.filter(id=json.loads(lines[0])["id"]).exists()
+    assert not Destination.objects.exists()
