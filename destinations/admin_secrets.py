@@ -88,7 +88,7 @@ class SecretsAdminMixin(_AdminBase):
     """Keeps DestinationAdmin's lookups off secret columns and adds key rotation."""
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
-        # A refused lookup makes the changelist answer 400 Bad Request.
+        # A rejected lookup makes the changelist return 400 Bad Request.
         if is_secret_lookup(lookup):
             return False
         return super().lookup_allowed(lookup, value, request)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.db import models
-from django.forms import ModelForm
 from django.http import HttpRequest
 
 from .forms import SECRET_FIELDS
@@ -150,11 +149,13 @@ class AuditMixin(_AdminBase):
     def construct_change_message(
         self,
         request: HttpRequest,
-        form: ModelForm[Destination],
+        form: Any,
         formsets: Any,
         add: bool = False,
     ) -> Any:
-        message = super().construct_change_message(request, form, formsets, add)
+        message: list[dict[str, Any]] = super().construct_change_message(
+            request, form, formsets, add
+        )
         before = None if add else getattr(form.instance, _SNAPSHOT, None)
         if not add and before is None:
             return message

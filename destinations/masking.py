@@ -9,12 +9,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 
 from .forms import SECRET_FIELDS
 from .models import Destination
 
-# What a stored secret shows as.
+# The text shown in place of a stored secret.
 SECRET_SET = "(set, hidden)"  # noqa: S105 (a marker, not a password)
 EMPTY = "(empty)"
 # Columns that only record when a row was written, not what staff configured.
@@ -22,8 +23,9 @@ UNAUDITED_FIELDS = frozenset({"id", "created_at", "updated_at"})
 
 
 def is_secret_lookup(lookup: str) -> bool:
-    """Whether a query lookup such as `servicebus_connection_string__startswith`
-    reaches a secret column of a destination, directly or through a relation."""
+    """Return whether a query lookup such as
+    `servicebus_connection_string__startswith` reaches a secret column of a
+    destination, directly or through a relation."""
     parts = lookup.split("__")
     return any(part in SECRET_FIELDS for part in parts)
 
@@ -64,6 +66,11 @@ def masked_value(destination: Destination, field_name: str) -> str:
     name that is not a column of Destination.
     """
     field = Destination._meta.get_field(field_name)
+    if not isinstance(field, models.Field):
+        raise FieldDoesNotExist(
+            f"Destination.{field_name} is a reverse relation, not a column. Name "
+            "one of the fields of Destination."
+        )
     if field.is_relation:
         related = getattr(destination, field.name)
         return str(related) if related is not None else EMPTY

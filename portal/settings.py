@@ -7,6 +7,8 @@ folder (or the file named by ENV_FILE) is read first; real environment variables
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.csp import CSP
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -18,10 +20,69 @@ if _env_file and Path(_env_file).is_file():
     env.read_env(_env_file)
 
 DEBUG = env.bool("DEBUG", default=False)
+# "production" turns on the production defaults below (HTTPS only, secure cookies,
+# HSTS) and the portal.* checks of a production deployment. Any other deployment is
+# "development", which also covers tests.
+DEPLOYMENT = env.str("DEPLOYMENT", default="development")
+if DEPLOYMENT not in ("development", "production"):
+    raise ImproperlyConfigured(
+        f"DEPLOYMENT is {DEPLOYMENT!r}; set it to production or development."
+    )
+PRODUCTION = DEPLOYMENT == "production"
 # Django's deploy check (security.W009) flags any key starting with "django-insecure-".
 SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-local-development-only")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# HTTPS and browser protections, each on by default in production.
+# Behind a proxy that terminates TLS: trust its X-Forwarded-Proto header for
+# request.is_secure(), and the last X-Forwarded-For address as the client's.
+BEHIND_PROXY = env.bool("BEHIND_PROXY", default=False)
+if BEHIND_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=PRODUCTION)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=PRODUCTION)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=PRODUCTION)
+# One year, the minimum that browsers' HSTS preload lists accept.
+SECURE_HSTS_SECONDS = env.int(
+    "SECURE_HSTS_SECONDS", default=365 * 24 * 3600 if PRODUCTION else 0
+)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS", default=PRODUCTION
+)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=PRODUCTION)
+X_FRAME_OPTIONS = env.str("X_FRAME_OPTIONS", default="DENY")
+SECURE_CONTENT_TYPE_NOSNIFF = env.bool("SECURE_CONTENT_TYPE_NOSNIFF", default=True)
+SECURE_REFERRER_POLICY = env.str("SECURE_REFERRER_POLICY", default="same-origin")
+
+# Content Security Policy: only this site's own scripts, styles, images and fonts,
+# and inline ones only with the per-response nonce (Django's admin templates add
+# it). "report-only" sends the policy without enforcing it; "off" sends none.
+CONTENT_SECURITY_POLICY = env.str("CONTENT_SECURITY_POLICY", default="enforce")
+if CONTENT_SECURITY_POLICY not in ("enforce", "report-only", "off"):
+    raise ImproperlyConfigured(
+        f"CONTENT_SECURITY_POLICY is {CONTENT_SECURITY_POLICY!r}; set it to "
+        "enforce, report-only or off."
+    )
+_csp_policy = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF, CSP.NONCE],
+    "style-src": [CSP.SELF, CSP.NONCE],
+    # data: for the empty favicon of the status pages.
+    "img-src": [CSP.SELF, "data:"],
+    "font-src": [CSP.SELF],
+    "connect-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.NONE],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
+SECURE_CSP = _csp_policy if CONTENT_SECURITY_POLICY == "enforce" else {}
+SECURE_CSP_REPORT_ONLY = _csp_policy if CONTENT_SECURITY_POLICY == "report-only" else {}
+
+# Django's error pages and error e-mails pass through this filter, which masks
+# secrets even with DEBUG on.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "portal.debug.SecretsExceptionReporterFilter"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -37,6 +98,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -58,6 +120,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.csp",
             ],
         },
     },
@@ -80,6 +143,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Local memory by default, which each process keeps on its own. Production sets a
+# shared Redis (redis://host:6379/1), so that the login lockout counts across
+# processes.
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+
+# Login lockout: this many failed log-ins for one username, or from one client
+# address, within the window lock it for LOGIN_LOCKOUT_SECONDS.
+LOGIN_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+LOGIN_FAILURE_WINDOW = env.int("LOGIN_FAILURE_WINDOW", default=15 * 60)
+LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=15 * 60)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
