@@ -16,6 +16,8 @@ import pytest
 from django.conf import settings as django_settings
 from pytest_django import Settings
 
+from delivery.peers.pubsub import PubSubPeer
+from delivery.peers.pubsub import peer_environment as pubsub_peer_environment
 from delivery.peers.sqs import (
     FAKE_ACCESS_KEY_ID,
     FAKE_SECRET_ACCESS_KEY,
@@ -31,7 +33,11 @@ from portal.celery import app as celery_app
 if TYPE_CHECKING:
     from delivery.models import Delivery
 
-pytest_plugins = ["tests.pubsub_fixtures", "tests.servicebus_fixtures"]
+pytest_plugins = [
+    "tests.pubsub_fixtures",
+    "tests.servicebus_fixtures",
+    "tests.system_fixtures",
+]
 
 # A fixed Fernet key, used only by the tests, so encrypted columns can be written and
 # read back. The worker process started by the tests gets the same key.
@@ -203,15 +209,27 @@ class Worker:
     """A `celery worker` child process and its log file."""
 
     def __init__(self, command: list[str], environment: dict[str, str], log: Path):
+        self.command = command
+        self.environment = environment
         self.log_path = log
         self._log = log.open("wb")
-        self.process = subprocess.Popen(
-            command,
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self.command,
             cwd=django_settings.BASE_DIR,
-            env=environment,
+            env=self.environment,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def restart(self, timeout: float = WORKER_START_SECONDS) -> None:
+        """Start the process again after `stop()`, appending to the same log."""
+        start = self.log_size()
+        self._log = self.log_path.open("ab")
+        self.process = self._spawn()
+        self.wait_until_ready(timeout, start)
 
     def log(self, start: int = 0) -> str:
         with self.log_path.open("rb") as log:
@@ -221,10 +239,10 @@ class Worker:
     def log_size(self) -> int:
         return self.log_path.stat().st_size
 
-    def wait_until_ready(self, timeout: float) -> None:
+    def wait_until_ready(self, timeout: float, start: int = 0) -> None:
         deadline = time.monotonic() + timeout
         # Celery logs "celery@HOST ready." once it consumes from the broker.
-        while " ready." not in self.log():
+        while " ready." not in self.log(start):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"The Celery worker exited with status {self.process.returncode} "
@@ -272,12 +290,14 @@ class Worker:
 def celery_worker(
     django_db_setup: None,
     sqs_peer: SqsPeer,
+    pubsub_local_server: PubSubPeer,
     celery_broker: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Worker]:
-    """A real `celery worker` process on the test database, the run's broker and the
-    SQS peer. It reads only committed rows, so tests that use it need
-    `@pytest.mark.django_db(transaction=True)`."""
+    """A real `celery worker` process on the test database, the run's broker, the SQS
+    peer and the Pub/Sub peer. Service Bus destinations carry their peer's address in
+    their connection string. The worker reads only committed rows, so tests that use
+    it need `@pytest.mark.django_db(transaction=True)`."""
     environment = {
         name: value for name, value in os.environ.items() if name not in AWS_VARIABLES
     }
@@ -289,10 +309,13 @@ def celery_worker(
             "DATABASE_URL": database_url(django_settings.DATABASES["default"]),
             "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
             "SQS_TIMEOUT": "5",
+            "PUBSUB_TIMEOUT": "5",
+            "SERVICEBUS_TIMEOUT": "5",
             "SWEEP_INTERVAL": "1",
             "LOG_LEVEL": "INFO",
             **celery_broker,
             **peer_environment(sqs_peer.endpoint_url),
+            **pubsub_peer_environment(pubsub_local_server.endpoint),
         }
     )
     command = [
