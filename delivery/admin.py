@@ -52,13 +52,38 @@ class DeliveryInline(ReadOnlyMixin, admin.TabularInline):
     show_change_link = True
 
 
+class RecentTypeFilter(admin.SimpleListFilter):
+    """The event types of the latest events. Listing every type ever seen would
+    read the whole table; event ids are ULIDs, so the latest are an index range."""
+
+    title = "type"
+    parameter_name = "type"
+    sample = 10_000
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> Any:
+        latest = Event.objects.order_by("-id").values_list("type", flat=True)
+        types = sorted(set(latest[: self.sample]))
+        return [(name, name) for name in types]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> Any:
+        if self.value():
+            return queryset.filter(type=self.value())
+        return queryset
+
+
 @admin.register(Event)
 class EventAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = ("id", "type", "object_key", "time", "application", "stage")
-    list_filter = ("stage", "is_test", "type")
+    # No date hierarchy: its year and month links read every event's time.
+    list_filter = (
+        "stage",
+        "is_test",
+        RecentTypeFilter,
+        ("time", admin.DateFieldListFilter),
+    )
     list_select_related = ("application",)
-    search_fields = ("=id", "=object_key", "type")
-    date_hierarchy = "time"
+    search_fields = ("=id", "=object_key")
+    search_help_text = "An event ID or an object key, exactly."
     readonly_fields = (
         "id",
         "application",
@@ -86,7 +111,11 @@ class DeliveryAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
     )
     list_filter = ("status", "destination__stage", "destination__kind", "is_test")
     list_select_related = ("event", "destination", "destination__application")
-    search_fields = ("=event__id", "=ordering_key", "=event__object_key")
+    search_fields = ("=event__id", "=event__object_key")
+    search_help_text = (
+        "An event ID or an object key (the ordering key of ordered destinations), "
+        "exactly."
+    )
     readonly_fields = (
         "event",
         "destination",
@@ -103,6 +132,17 @@ class DeliveryAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
     )
     inlines = (AttemptInline,)
     actions = ("retry_selected",)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Delivery], search_term: str
+    ) -> tuple[QuerySet[Delivery], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        # The events first, through their primary key and object key indexes:
+        # an OR across the join to events would read every delivery.
+        events = Event.objects.filter(Q(id=term) | Q(object_key=term))
+        return queryset.filter(event__in=events.values("id")), False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Delivery]:
         waiting = Q(status=DeliveryStatus.PENDING) & ~Q(ordering_key="")

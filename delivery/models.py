@@ -39,7 +39,11 @@ class Event(models.Model):
     recorded_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        indexes = [models.Index(fields=["application", "stage", "time"])]
+        indexes = [
+            models.Index(fields=["application", "stage", "time"]),
+            # The admin's search by object key.
+            models.Index(fields=["object_key"], name="event_object_key"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.type} {self.id}"

@@ -1,10 +1,8 @@
-"""Per-destination delivery figures for lists of destinations, computed in the
-list's own query.
+"""Per-destination delivery figures for lists of destinations, each a subquery.
 
 Each figure is a correlated subquery over Attempt's (destination, is_test,
-started_at) indexes, so it costs a few index entries per destination shown.
-PostgreSQL evaluates such subqueries after the sort and LIMIT of a page, so only
-the page's rows pay for them.
+started_at) indexes, so it costs a few index entries per destination. A list page
+reads them with `attach()` for its own rows only.
 """
 
 from datetime import datetime, timedelta
@@ -13,6 +11,8 @@ from typing import Any
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+
+from destinations.models import Destination
 
 from .models import Attempt, Outcome
 
@@ -30,12 +30,14 @@ def _count(attempts: QuerySet[Attempt]) -> Coalesce:
 
 
 def with_delivery_figures(
-    destinations: QuerySet[Any], now: datetime | None = None
+    destinations: QuerySet[Any] | None = None, now: datetime | None = None
 ) -> QuerySet[Any]:
     """Annotate destinations with their latest attempt (last_outcome,
     last_attempt_at), their latest failed one (last_error_at) and their attempts
     of the last 24 hours (attempts_24h, successes_24h). Test events are left out:
     they say nothing about the destination's live traffic."""
+    if destinations is None:
+        destinations = Destination.objects.all()
     since = (now or timezone.now()) - RECENT
     live = Attempt.objects.filter(destination=OuterRef("pk"), is_test=False)
     latest = live.order_by("-started_at")
@@ -48,6 +50,20 @@ def with_delivery_figures(
         attempts_24h=_count(recent),
         successes_24h=_count(recent.filter(outcome=Outcome.SUCCESS)),
     )
+
+
+def attach(destinations: list[Any], annotated: QuerySet[Any]) -> list[Any]:
+    """Set the annotations of `annotated` on each of `destinations`, read in one
+    query for their ids only, and return them."""
+    names = list(annotated.query.annotations)
+    ids = [destination.pk for destination in destinations]
+    rows = annotated.filter(pk__in=ids).order_by().values("pk", *names)
+    found = {row.pop("pk"): row for row in rows}
+    for destination in destinations:
+        values = found.get(destination.pk, {})
+        for name in names:
+            setattr(destination, name, values.get(name))
+    return destinations
 
 
 def success_rate(destination: Any) -> str:

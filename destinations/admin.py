@@ -26,7 +26,12 @@ from django.views.decorators.debug import sensitive_post_parameters
 from delivery import bulk, health
 from delivery.models import Attempt, BulkJobKind, Delivery, DeliveryStatus, Outcome
 from delivery.replay import events_in_range, replay
-from delivery.summaries import last_status, success_rate, with_delivery_figures
+from delivery.summaries import (
+    attach,
+    last_status,
+    success_rate,
+    with_delivery_figures,
+)
 from delivery.testevents import send_test_event
 
 from .admin_checks import CheckAccessMixin
@@ -62,6 +67,17 @@ class ApplicationAdmin(admin.ModelAdmin):
 def _latest_test(model: type[Delivery] | type[Attempt]) -> QuerySet[Any]:
     # Both tables index test rows by destination: see their Meta.indexes.
     return model.objects.filter(destination=OuterRef("pk"), is_test=True)
+
+
+def _last_test(destinations: QuerySet[Destination]) -> QuerySet[Destination]:
+    deliveries = _latest_test(Delivery).order_by("-created_at")
+    attempts = _latest_test(Attempt).order_by("-started_at")
+    return destinations.annotate(
+        last_test_status=Subquery(deliveries.values("status")[:1]),
+        last_test_outcome=Subquery(attempts.values("outcome")[:1]),
+        last_test_error=Subquery(attempts.values("error_kind")[:1]),
+        last_test_at=Subquery(attempts.values("started_at")[:1]),
+    )
 
 
 # Error kinds that mean the partner has not granted the stage's identity enough.
@@ -164,15 +180,15 @@ class DestinationAdmin(
 
     # Listing and change pages.
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[Destination]:
-        deliveries = _latest_test(Delivery).order_by("-created_at")
-        attempts = _latest_test(Attempt).order_by("-started_at")
-        return with_delivery_figures(super().get_queryset(request)).annotate(
-            last_test_status=Subquery(deliveries.values("status")[:1]),
-            last_test_outcome=Subquery(attempts.values("outcome")[:1]),
-            last_test_error=Subquery(attempts.values("error_kind")[:1]),
-            last_test_at=Subquery(attempts.values("started_at")[:1]),
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        # The page's figures come from one query over the page's ids. As
+        # annotations of the list's own query, PostgreSQL would compute them for
+        # every row that OFFSET skips too.
+        changelist = super().get_changelist_instance(request)
+        changelist.result_list = attach(
+            list(changelist.result_list), _last_test(with_delivery_figures())
         )
+        return changelist
 
     @admin.display(description="last test")
     def last_test_result(self, destination: Any) -> str:

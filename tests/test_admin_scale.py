@@ -270,6 +270,49 @@ def test_open_ended_pages_reach_one_page_further(
     assert paginator.num_pages == 4
 
 
+def test_deep_page_reads_its_own_rows(application: Application) -> None:
+    make_destinations(application, 3)
+    deliveries = Delivery.objects.order_by("-pk")
+    expected = list(deliveries.values_list("pk", flat=True))[2:4]
+
+    page = pagination.LargeTablePaginator(deliveries, 2, page_number=2).page(2)
+
+    assert [delivery.pk for delivery in page.object_list] == expected
+
+
+def test_delivery_search_finds_event_id(
+    admin_client: Client, application: Application
+) -> None:
+    destination = make_destinations(application, 2)[0]
+
+    response = admin_client.get(f"{DELIVERIES_URL}?q=bad-{destination.pk}")
+
+    assert '<span class="result-count">1 delivery</span>' in response.text
+    assert f"bad-{destination.pk}" in response.text
+
+
+def test_delivery_search_finds_object_key(
+    admin_client: Client, application: Application
+) -> None:
+    make_destinations(application, 2)
+
+    response = admin_client.get(f"{DELIVERIES_URL}?q=4102/order/1")
+
+    assert '<span class="result-count">6 deliveries</span>' in response.text
+
+
+def test_event_type_filter_offers_recent_types(
+    admin_client: Client, application: Application
+) -> None:
+    make_destinations(application, 1)
+
+    response = admin_client.get(f"{EVENTS_URL}?type=ORDER_CREATED")
+
+    assert response.status_code == 200
+    assert "?type=ORDER_CREATED" in response.text
+    assert '<span class="result-count">3 events</span>' in response.text
+
+
 # The CSV export.
 
 
