@@ -470,3 +470,12 @@ def test_rotation_is_recorded_in_history(
     )
     assert "connection string: re-encrypted with the current key" in history.text
     assert "Rotate secrets" in history.text
+
+
+def test_masked_value_rejects_reverse_relation(sqs: Destination) -> None:
+    from django.core.exceptions import FieldDoesNotExist
+
+    with pytest.raises(FieldDoesNotExist) as raised:
+        masked_value(sqs, "deliveries")
+
+    assert "Destination.deliveries is a reverse relation" in str(raised.value)
