@@ -14,13 +14,14 @@ from functools import partial
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from destinations.models import Destination
 
 from .models import Delivery, DeliveryStatus
 from .notifications import notify_contacts
+from .subscriptions import Change, notify
 from .transports import Blame, Failure, Result, Sent
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ def apply(destination: Destination, outcome: BatchOutcome, now: datetime) -> Non
     when the batch calls for it. Runs inside the caller's transaction."""
     rows = Destination.objects.filter(pk=destination.pk)
     if outcome.successes and not outcome.failures:
+        recovered = rows.filter(failing_since__isnull=False).update(failing_since=None)
         rows.update(consecutive_failures=0, failing_since=None, last_success_at=now)
+        if recovered:
+            notify(destination, Change.RECOVERED, "An event was delivered again.")
         return
 
     if outcome.successes:
@@ -69,7 +73,11 @@ def apply(destination: Destination, outcome: BatchOutcome, now: datetime) -> Non
             consecutive_failures=F("consecutive_failures") + outcome.failures,
             last_error=f"{outcome.last_failure.kind}: {outcome.last_failure.message}",
         )
-        rows.filter(failing_since__isnull=True).update(failing_since=now)
+        started = rows.filter(failing_since__isnull=True).update(failing_since=now)
+        # A pause sends its own notice, so the first failure is not told twice.
+        if started and outcome.pause_because is None:
+            error = f"{outcome.last_failure.kind}: {outcome.last_failure.message}"
+            notify(destination, Change.FAILING, f"{error}\n\nThe platform retries.")
 
     if outcome.pause_because is not None:
         pause(destination, outcome.pause_because.message, now)
@@ -95,6 +103,7 @@ def pause(destination: Destination, reason: str, now: datetime) -> bool:
     transaction.on_commit(
         partial(notify_contacts, destination, "Delivery paused", body)
     )
+    notify(destination, Change.PAUSED, body)
     return True
 
 
@@ -127,6 +136,7 @@ def disable_if_failing(destination: Destination, now: datetime) -> bool:
     transaction.on_commit(
         partial(notify_contacts, destination, "Destination disabled", body)
     )
+    notify(destination, Change.DISABLED, body)
     return True
 
 
@@ -137,6 +147,10 @@ def enable(destination: Destination) -> int:
 
     now = timezone.now()
     with transaction.atomic():
+        stopped = Destination.objects.filter(pk=destination.pk).filter(
+            Q(paused_at__isnull=False) | Q(disabled_at__isnull=False)
+        )
+        resumed = stopped.exists()
         Destination.objects.filter(pk=destination.pk).update(
             enabled=True,
             paused_at=None,
@@ -159,6 +173,9 @@ def enable(destination: Destination) -> int:
             destination=destination, status=DeliveryStatus.PENDING
         ).update(next_attempt_at=now)
         transaction.on_commit(wake_workers)
+        if resumed:
+            detail = f"Sending was enabled again; {released} held events go out now."
+            notify(destination, Change.RECOVERED, detail)
     logger.info(
         "Enabled destination %s; released %d held deliveries", destination.pk, released
     )

@@ -288,3 +288,73 @@ class BulkJobItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job} / {self.destination_name}"
+
+
+class NotificationPreference(models.Model):
+    """Which changes of an application's destinations one app developer is mailed
+    about. The contact addresses of the application are mailed regardless."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="notification_preferences",
+    )
+    application = models.ForeignKey(
+        Application, on_delete=models.CASCADE, related_name="notification_preferences"
+    )
+    on_failing = models.BooleanField(
+        "a destination starts failing",
+        default=False,
+        help_text="The first failed attempt after a successful one.",
+    )
+    on_paused = models.BooleanField(
+        "a destination is paused",
+        default=False,
+        help_text="The destination rejected an event, so sending stopped.",
+    )
+    on_disabled = models.BooleanField(
+        "a destination is disabled",
+        default=False,
+        help_text="Every attempt failed for too long, so sending stopped.",
+    )
+    on_recovered = models.BooleanField(
+        "a destination recovers",
+        default=False,
+        help_text="The first success after failures, or sending enabled again.",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "application"], name="one_preference_per_application"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} about {self.application}"
+
+
+class Replay(models.Model):
+    """A request to send a time range of events to one destination again, kept so
+    that its progress has a page and the request has a record."""
+
+    destination = models.ForeignKey(
+        Destination, on_delete=models.CASCADE, related_name="replays"
+    )
+    start = models.DateTimeField(help_text="Events at or after this time.")
+    end = models.DateTimeField(help_text="Events before this time.")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    requested_at = models.DateTimeField(auto_now_add=True)
+    event_count = models.PositiveIntegerField(
+        help_text="Events of the range when the replay was requested."
+    )
+
+    def __str__(self) -> str:
+        return f"Replay {self.pk} to destination {self.destination_id}"

@@ -169,7 +169,10 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
 
-LOGIN_URL = "admin:login"
+# App developers sign in here to the status pages; staff use the admin's own login.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "status:home"
+LOGOUT_REDIRECT_URL = "login"
 
 # Fernet keys (urlsafe base64, 32 bytes) for secrets at rest, comma separated. The
 # first encrypts; all of them decrypt, so an old key stays listed until

@@ -27,7 +27,7 @@ from delivery.peers.sqs import SqsPeer, create_queue, start_sqs_peer
 from delivery.peers.sqs import peer_environment as sqs_peer_environment
 from delivery.testevents import send_test_event
 from destinations import demo
-from destinations.models import Destination
+from destinations.models import Destination, State
 
 SMOKE_TIMEOUT = 60.0
 
@@ -70,11 +70,12 @@ class Command(BaseCommand):
             login = demo.seed_demo(
                 peers.servicebus.connection_string(demo.SERVICEBUS_QUEUE)
             )
+            developer = demo.seed_status_demo()
             environment = {**os.environ, **peers.environment()}
             children.append(self._start_worker(environment))
             children.append(self._start_web(environment, options["port"]))
             url = f"http://127.0.0.1:{options['port']}/admin/"
-            self._print_banner(url, login, peers)
+            self._print_banner(url, login, developer, peers)
 
             if options["smoke"]:
                 self._smoke(url, children)
@@ -108,13 +109,21 @@ class Command(BaseCommand):
         )
 
     def _print_banner(
-        self, url: str, login: demo.DemoLogin, peers: "LocalPeers"
+        self,
+        url: str,
+        login: demo.DemoLogin,
+        developer: demo.DemoLogin,
+        peers: "LocalPeers",
     ) -> None:
+        status_url = url.removesuffix("admin/") + "status/"
         self.stdout.write(
             self.style.SUCCESS(
                 "\nDestinations portal is starting.\n"
                 f"  Admin:                {url}\n"
                 f"  Demo login:           {login.username} / {login.password}\n"
+                f"  Delivery status:      {status_url}\n"
+                f"  App developer login:  {developer.username} / "
+                f"{developer.password}\n"
                 f"  SQS peer (moto):      {peers.sqs.endpoint_url}\n"
                 f"  Pub/Sub peer:         {peers.pubsub.endpoint}\n"
                 f"  Service Bus peer:     {peers.servicebus.endpoint}\n"
@@ -137,7 +146,10 @@ class Command(BaseCommand):
 
     def _smoke(self, url: str, children: list[subprocess.Popen[bytes]]) -> None:
         """Send a test event to every demo destination and wait for each result."""
-        destinations = Destination.objects.filter(application__slug="demo-shop")
+        # The demo's paused destination points at a queue the peer lacks on purpose.
+        destinations = Destination.objects.filter(
+            State.filter(State.ACTIVE), application__slug=demo.DEMO_SLUG
+        )
         deliveries = [send_test_event(d, requested_by=None) for d in destinations]
         deadline = time.monotonic() + SMOKE_TIMEOUT
         unfinished = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
