@@ -287,7 +287,9 @@ def test_publish_events_reports_invalid_line(
     path.write_text(f"{lines[0]}\n{{not json\n{lines[1]}\n", encoding="utf-8")
     stdout, stderr = StringIO(), StringIO()
 
-    with pytest.raises(CommandError, match="were invalid and not published") as error:
+    with pytest.raises(
+        CommandError, match="1 line was invalid and not published"
+    ) as error:
         run_publish_events(path, stdout=stdout, stderr=stderr)
 
     assert error.value.returncode == 1

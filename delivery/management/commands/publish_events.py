@@ -1,6 +1,7 @@
 """Publish a JSON-lines file of event envelopes for an application and stage."""
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -84,9 +85,10 @@ class Command(BaseCommand):
 
         self._summary(application, options["stage"], result, errors)
         if errors:
+            count = "1 line was" if len(errors) == 1 else f"{len(errors)} lines were"
             raise CommandError(
-                f"{len(errors)} lines were invalid and not published; fix them and "
-                "publish the file again (recorded events are skipped)."
+                f"{count} invalid and not published; fix them and publish the file "
+                "again (recorded events are skipped)."
             )
 
     def _summary(
@@ -124,9 +126,10 @@ def _publish(
     result.held += published.held
 
 
-def _open(path: Path) -> TextIO:
+def _open(path: Path) -> AbstractContextManager[TextIO]:
     if str(path) == "-":
-        return sys.stdin
+        # Leave stdin open for whoever called the command.
+        return nullcontext(sys.stdin)
     try:
         return path.open(encoding="utf-8")
     except OSError as error:
