@@ -5,9 +5,9 @@
         [--runs 7] [--bulk-size 500] [--reuse]
 
 It drops and recreates the PostgreSQL database bench_admin on 127.0.0.1, migrates it
-and fills it with COPY (reporting the fill time), then measures, through Django's
+and fills it with COPY, and reports the fill time. Then it measures, through Django's
 test client logged in as a superuser, each admin page's query count and median time
-and each bulk action's request; the bulk job's background work is timed on its own,
+and each bulk action's request. The bulk job's background work is timed on its own,
 run in this process as the worker would run it. Targets: at most 15 queries and
 300 ms per page and per action request. `--reuse` keeps the filled database of an
 earlier run. Figures go to stdout and to var/bench/admin_scale-<timestamp>.json;
@@ -37,7 +37,6 @@ MAX_QUERIES = 15
 MAX_MS = 300.0
 DESTINATIONS_PER_APPLICATION = 10
 HISTORY = timedelta(days=30)
-COPY_BATCH = 50_000
 
 
 def configure() -> None:
@@ -184,9 +183,9 @@ def copy_rows(
 def fill_history(
     destinations: list[Any], deliveries: int, rng: random.Random
 ) -> dict[str, int]:
-    """Events of the last 30 days, each to the five destinations of its
-    application and stage, with their deliveries and attempts; one delivered test
-    event per destination."""
+    """Record events of the last 30 days, each delivered to the five destinations
+    of its application and stage, with their attempts. Each destination also gets
+    one delivered test event."""
     from django.utils import timezone
 
     now = timezone.now()
@@ -421,7 +420,7 @@ def request(client: Any, method: str, url: str, data: Any = None) -> tuple[Any, 
         else:
             response.content  # noqa: B018 - renders the page inside the timing
     if response.status_code not in (200, 302):
-        raise RuntimeError(f"{method.upper()} {url} answered {response.status_code}")
+        raise RuntimeError(f"{method.upper()} {url} returned {response.status_code}")
     return response, len(queries)
 
 

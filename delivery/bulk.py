@@ -1,7 +1,7 @@
 """Bulk actions on many destinations: test events and retries of failed deliveries.
 
 The admin request only records a BulkJob with the selected destinations' ids and
-queues one task; the worker works through the ids in chunks, one transaction each,
+queues one task. The worker goes through the ids in chunks, one transaction each,
 and counts its progress on the job. A test send's outcome is its delivery's status,
 which the job's page reads, so no task waits for a delivery.
 """
@@ -161,7 +161,7 @@ ACTIONS: dict[BulkJobKind, Callable[[BulkJob, list[int]], tuple[int, int]]] = {
 
 @dataclass
 class Progress:
-    """What a job's page shows: the worker's counts and, for test events, the
+    """The figures of a job's page: the worker's counts and, for test events, the
     test deliveries' statuses."""
 
     job: BulkJob
@@ -197,8 +197,8 @@ def progress(job: BulkJob) -> Progress:
 
 
 def results(job: BulkJob) -> QuerySet[BulkJobItem]:
-    """The job's items by destination name with, for test events, the last
-    attempt of each delivery."""
+    """Return the job's items by destination name, annotated for test events
+    with the last attempt of each delivery."""
     attempts = Attempt.objects.filter(delivery=OuterRef("delivery")).order_by(
         "-started_at"
     )

@@ -2,7 +2,7 @@
 of rows: no list ever counts a whole table.
 
 An exact count stops at EXACT_LIMIT rows, so it costs at most that many index
-entries. Past that, PostgreSQL's own estimate stands in for the total: the
+entries. Past that, PostgreSQL's own estimate replaces the total: the
 table's row estimate (pg_class.reltuples) when nothing is filtered, the planner's
 estimate of the filtered query otherwise. Other databases show no total, only
 enough pages to go one page further.
@@ -31,7 +31,7 @@ def table_estimate(queryset: QuerySet[Any]) -> int | None:
             [connection.ops.quote_name(queryset.model._meta.db_table)],
         )
         row = cursor.fetchone()
-    # PostgreSQL 14 and later say -1 for a table that was never analysed.
+    # PostgreSQL 14 and later store -1 for a table that was never analysed.
     if row is None or row[0] < 0:
         return None
     return int(row[0])
@@ -52,8 +52,9 @@ def planner_estimate(queryset: QuerySet[Any]) -> int | None:
 class LargeTablePaginator(Paginator):
     """A paginator whose count is exact up to EXACT_LIMIT and estimated past it.
 
-    `estimated` says the count is PostgreSQL's estimate; `open_ended` says there
-    is no total at all and the count only reaches one page past `page_number`.
+    `estimated` is True when the count is PostgreSQL's estimate. `open_ended` is
+    True when there is no total at all, so the count reaches one page past
+    `page_number` only.
     """
 
     def __init__(
@@ -72,8 +73,8 @@ class LargeTablePaginator(Paginator):
     @cached_property
     def count(self) -> int:
         queryset = cast(QuerySet[Any], self.object_list)
-        # At least as many rows as it takes to reach the page asked for, so a link
-        # from an estimated page range never fails.
+        # At least as many rows as it takes to reach the requested page, so the
+        # paginator accepts every link of an estimated page range.
         reach = self.page_number * self.per_page + 1
 
         if not queryset.query.where:
