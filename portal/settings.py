@@ -245,6 +245,9 @@ CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "delivery.tasks.sweep", "schedule": SWEEP_INTERVAL},
 }
 CELERY_TASK_ACKS_LATE = True
+# A task cut off by a lost broker connection is redelivered anyway (acks_late), and
+# the delivery engine's claims make a second run harmless, so stop it at once.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
