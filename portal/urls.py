@@ -1,14 +1,23 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, HttpResponseRedirect
+from django.shortcuts import redirect
 from django.urls import include, path
-from django.views.generic import RedirectView
 
 from .login_protection import LockoutAdminAuthenticationForm, LockoutAuthenticationForm
 
 admin.site.login_form = LockoutAdminAuthenticationForm
 
+
+def home(request: HttpRequest) -> HttpResponseRedirect:
+    """Send Partner staff to the admin and everyone else to the status pages."""
+    if request.user.is_authenticated and request.user.is_staff:
+        return redirect("admin:index")
+    return redirect("status:home")
+
+
 urlpatterns = [
-    path("", RedirectView.as_view(pattern_name="admin:index", permanent=False)),
+    path("", home, name="root"),
     path("admin/", admin.site.urls),
     path("status/", include("delivery.urls")),
     path(

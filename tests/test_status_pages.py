@@ -1141,3 +1141,19 @@ def test_notification_page_warns_staff_non_member(
     response = client.get(reverse("status:notifications", args=[shop.slug]))
 
     assert "no mail about it is sent to you" in response.text
+
+
+@pytest.mark.django_db
+def test_root_sends_staff_to_admin(admin_client: Client) -> None:
+    response = admin_client.get("/")
+
+    assert response.status_code == 302
+    assert response["Location"] == reverse("admin:index")
+
+
+@pytest.mark.django_db
+def test_root_sends_others_to_status_pages(client: Client) -> None:
+    response = client.get("/")
+
+    assert response.status_code == 302
+    assert response["Location"] == reverse("status:home")
