@@ -9,7 +9,7 @@ which the job's page reads, so no task waits for a delivery.
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -60,9 +60,23 @@ def _queue(job_id: int) -> None:
     try:
         run_bulk_job.delay(job_id)
     except Exception:
-        # NOTE: nothing queues the job again; its page shows it has not started,
-        # and staff can run the action again once the broker is back.
+        # The sweep queues unfinished jobs again once the broker is back.
         logger.exception("Could not queue bulk job %s", job_id)
+
+
+def requeue_unfinished(older_than: timedelta = timedelta(minutes=1)) -> int:
+    """Queue unfinished jobs again, and return how many.
+
+    A job whose task message was lost (broker down, worker killed) would otherwise
+    never finish. A job that is still running gets a second task, which finds the
+    row locked and returns at once.
+    """
+    cutoff = timezone.now() - older_than
+    unfinished = BulkJob.objects.filter(finished_at__isnull=True, created_at__lt=cutoff)
+    job_ids = list(unfinished.values_list("pk", flat=True)[:100])
+    for job_id in job_ids:
+        _queue(job_id)
+    return len(job_ids)
 
 
 def run(job_id: int, chunk_size: int = CHUNK_SIZE) -> None:
@@ -79,9 +93,14 @@ def run(job_id: int, chunk_size: int = CHUNK_SIZE) -> None:
 def _run_chunk(job_id: int, chunk_size: int) -> bool:
     """Do the next chunk; return whether more may be left."""
     with transaction.atomic():
-        job = BulkJob.objects.select_for_update().filter(pk=job_id).first()
+        job = (
+            BulkJob.objects.select_for_update(skip_locked=True)
+            .filter(pk=job_id)
+            .first()
+        )
         if job is None:
-            logger.warning("Bulk job %s no longer exists; nothing to do", job_id)
+            # Deleted, or another task holds the row and is doing this job now.
+            logger.info("Bulk job %s is gone or running elsewhere", job_id)
             return False
         if job.finished_at is not None:
             return False

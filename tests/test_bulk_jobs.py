@@ -2,6 +2,7 @@
 worker does the work in chunks, and the job's page shows progress and results."""
 
 import re
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -10,6 +11,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from delivery import bulk
 from delivery.models import (
@@ -165,6 +167,30 @@ def test_job_resumes_after_interruption(application: Application) -> None:
 
     assert BulkJobItem.objects.filter(job=job).count() == 5
     assert Delivery.objects.count() == 5
+
+
+def test_sweep_requeues_only_stale_unfinished_jobs(
+    application: Application, django_capture_on_commit_callbacks: Any
+) -> None:
+    destinations = make_destinations(application, 3)
+    ids = [d.pk for d in destinations]
+    with django_capture_on_commit_callbacks():
+        stale = bulk.start(BulkJobKind.RETRY_FAILED, ids, None)
+        fresh = bulk.start(BulkJobKind.RETRY_FAILED, ids, None)
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    BulkJob.objects.filter(pk=stale.pk).update(created_at=an_hour_ago)
+    queued: list[int] = []
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bulk, "_queue", queued.append)
+        assert bulk.requeue_unfinished() == 1
+        bulk.run(stale.pk)
+        assert bulk.requeue_unfinished() == 0
+
+    assert queued == [stale.pk]
+    assert fresh.pk not in queued
+    stale.refresh_from_db()
+    assert stale.finished_at is not None
 
 
 def test_job_reports_deleted_destination(application: Application) -> None:
