@@ -1,0 +1,1 @@
+"""Benchmarks, each run as a module, such as `python -m bench.delivery`."""
