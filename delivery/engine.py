@@ -16,7 +16,7 @@ from itertools import groupby
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from destinations.models import Destination
@@ -242,24 +242,52 @@ def record(
     destination's health, in one transaction."""
     now = timezone.now()
     attempts = []
+    delivered: list[int] = []
     outcome_of_destination = health.BatchOutcome()
 
     with transaction.atomic():
         for delivery, result in zip(deliveries, results, strict=True):
             attempts.append(_attempt(delivery, result, started_at, duration_ms))
-            changes = _next_state(delivery, result, now)
-            # The lease guard: if this worker's lease expired and another worker
-            # took the delivery over, its outcome is that worker's to record.
-            Delivery.objects.filter(
-                pk=delivery.pk, status=DeliveryStatus.SENDING, claimed_by=worker
-            ).update(**changes, lease_expires_at=None, claimed_by="", updated_at=now)
             if not delivery.is_test:
                 outcome_of_destination.add(result)
+            if isinstance(result, Sent):
+                # Successes share one UPDATE: it is most of a busy batch.
+                delivered.append(delivery.pk)
+                continue
+            changes = _next_state(delivery, result, now)
+            _claimed_by(worker, [delivery.pk]).update(
+                **changes, lease_expires_at=None, claimed_by="", updated_at=now
+            )
             _log(delivery, result, duration_ms)
 
+        _claimed_by(worker, delivered).update(
+            status=DeliveryStatus.DELIVERED,
+            next_attempt_at=None,
+            attempt_count=F("attempt_count") + 1,
+            lease_expires_at=None,
+            claimed_by="",
+            updated_at=now,
+        )
         Attempt.objects.bulk_create(attempts)
         if outcome_of_destination:
             health.apply(destination, outcome_of_destination, now)
+
+    if delivered:
+        logger.info(
+            "Delivered %d events to destination %s in %d ms",
+            len(delivered),
+            destination.pk,
+            duration_ms,
+        )
+
+
+def _claimed_by(worker: str, delivery_ids: list[int]) -> QuerySet[Delivery]:
+    """Return the deliveries still claimed by `worker`. The lease guard: if its
+    lease expired and another worker took one over, that outcome is the other
+    worker's to record."""
+    return Delivery.objects.filter(
+        pk__in=delivery_ids, status=DeliveryStatus.SENDING, claimed_by=worker
+    )
 
 
 def _attempt(
@@ -310,24 +338,15 @@ def _next_state(delivery: Delivery, result: Result, now: datetime) -> dict[str, 
     }
 
 
-def _log(delivery: Delivery, result: Result, duration_ms: int) -> None:
-    if isinstance(result, Sent):
-        logger.info(
-            "Delivered event %s to destination %s (delivery %s) in %d ms as %s",
-            delivery.event_id,
-            delivery.destination_id,
-            delivery.pk,
-            duration_ms,
-            result.remote_message_id,
-        )
-        return
+def _log(delivery: Delivery, result: Failure, duration_ms: int) -> None:
     logger.warning(
-        "Delivery %s of event %s to destination %s failed (%s, %s): %s",
+        "Delivery %s of event %s to destination %s failed (%s, %s) in %d ms: %s",
         delivery.pk,
         delivery.event_id,
         delivery.destination_id,
         "permanent" if result.permanent else "transient",
         result.kind,
+        duration_ms,
         result.message,
     )
 

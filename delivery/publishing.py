@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.db import transaction
@@ -176,7 +177,7 @@ def publish_many(
             delivery.status == DeliveryStatus.HELD for delivery in deliveries
         )
         if deliveries:
-            transaction.on_commit(wake_workers)
+            transaction.on_commit(partial(wake_workers, len(deliveries)))
     return result
 
 

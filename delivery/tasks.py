@@ -46,11 +46,17 @@ def run_bulk_job(job_id: int) -> None:
     bulk.run(job_id)
 
 
-def wake_workers() -> None:
-    """Queue wake-up messages; a broker that is down only delays delivery, because
+def wake_workers(deliveries: int | None = None) -> None:
+    """Queue wake-up messages, enough for `deliveries` (all of DELIVERY_WAKE_TASKS
+    when unknown): one claim round takes DELIVERY_CLAIM_SIZE, so a single event
+    needs one worker, not all. A broker that is down only delays delivery, because
     the sweep wakes workers again once it is back."""
+    count = settings.DELIVERY_WAKE_TASKS
+    if deliveries is not None:
+        rounds = -(-deliveries // settings.DELIVERY_CLAIM_SIZE)
+        count = max(1, min(count, rounds))
     try:
-        for _ in range(settings.DELIVERY_WAKE_TASKS):
+        for _ in range(count):
             send_due.delay()
     except Exception:
         logger.exception("Could not queue a wake-up message; the sweep will retry")

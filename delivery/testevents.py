@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
@@ -56,7 +57,7 @@ def send_test_events(
         )
         # A broker that is down must not turn a committed request into an error
         # page: wake_workers logs the error, and the sweep wakes workers later.
-        transaction.on_commit(wake_workers)
+        transaction.on_commit(partial(wake_workers, len(deliveries)))
     return deliveries
 
 

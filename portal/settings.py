@@ -248,6 +248,9 @@ CELERY_TASK_ACKS_LATE = True
 # A task cut off by a lost broker connection is redelivered anyway (acks_late), and
 # the delivery engine's claims make a second run harmless, so stop it at once.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# Celery's Django fixup closes the database connection around every task unless
+# told to reuse it; a new PostgreSQL connection costs milliseconds per wake-up.
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 

@@ -778,7 +778,7 @@ def test_two_workers_deliver_once_in_order(
     # soon as it records the last. So the second worker, which claims only 3, is
     # woken first, and the session's worker, which claims up to 100, once the
     # second one has started.
-    monkeypatch.setattr(tasks, "wake_workers", lambda: None)
+    monkeypatch.setattr(tasks, "wake_workers", lambda *args: None)
     publish_many(application, Stage.PROD, envelopes)
     tasks.send_due.apply_async(queue=SECOND_WORKER_QUEUE)
     wait_until_claimed(destination, [worker, second_worker])
