@@ -25,7 +25,14 @@ from delivery.models import (
 )
 from delivery.object_keys import object_key
 
-from .models import Application, Destination, EntityType, Kind, Stage
+from .models import (
+    Application,
+    Destination,
+    EntityType,
+    Kind,
+    SqsEncryption,
+    Stage,
+)
 
 # Moto's default account id; the queue URLs use the AWS form that validation
 # requires, and the stage's SQS endpoint override sends them to the local peer.
@@ -43,6 +50,10 @@ PUBSUB_NAME = "Orders (Pub/Sub, ordered)"
 SERVICEBUS_QUEUE = "demo-orders"
 SERVICEBUS_NAME = "Orders (Service Bus sessions)"
 DEMO_SLUG = "demo-shop"
+# An entity-level policy with Send only, as the grant instructions ask partners for.
+SERVICEBUS_KEY_NAME = "platform-test-send"
+# The demo destinations that send; the paused one fails on purpose.
+ACTIVE_DESTINATIONS = (*SQS_QUEUES, PUBSUB_NAME, SERVICEBUS_NAME)
 DEVELOPER_USERNAME = "developer"
 # A queue that the local peer does not have: enabling this destination in the admin
 # pauses it again with "queue not found".
@@ -92,6 +103,8 @@ def seed_demo(servicebus_connection_string: str) -> DemoLogin:
             kind=Kind.SQS,
             sqs_queue_url=queue_url(queue),
             sqs_fifo=queue.endswith(".fifo"),
+            # Queues on the local peer, as new SQS queues, use SSE-SQS by default.
+            sqs_encryption=SqsEncryption.SSE_SQS,
         )
     _ensure(
         application,

@@ -148,7 +148,9 @@ class Command(BaseCommand):
         """Send a test event to every demo destination and wait for each result."""
         # The demo's paused destination points at a queue the peer lacks on purpose.
         destinations = Destination.objects.filter(
-            State.filter(State.ACTIVE), application__slug=demo.DEMO_SLUG
+            State.filter(State.ACTIVE),
+            application__slug=demo.DEMO_SLUG,
+            name__in=demo.ACTIVE_DESTINATIONS,
         )
         deliveries = [send_test_event(d, requested_by=None) for d in destinations]
         deadline = time.monotonic() + SMOKE_TIMEOUT
@@ -232,7 +234,9 @@ class LocalPeers:
         create_subscription(pubsub.endpoint, topic, "demo-orders-sub", ordering=True)
 
         servicebus = start_servicebus_peer(
-            "127.0.0.1", session_queues=[demo.SERVICEBUS_QUEUE]
+            "127.0.0.1",
+            session_queues=[demo.SERVICEBUS_QUEUE],
+            key_name=demo.SERVICEBUS_KEY_NAME,
         )
         return cls(sqs=sqs, pubsub=pubsub, servicebus=servicebus)
 
