@@ -14,7 +14,7 @@ from functools import partial
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from destinations.models import Destination
@@ -147,19 +147,18 @@ def enable(destination: Destination) -> int:
 
     now = timezone.now()
     with transaction.atomic():
-        stopped = Destination.objects.filter(pk=destination.pk).filter(
-            Q(paused_at__isnull=False) | Q(disabled_at__isnull=False)
-        )
-        resumed = stopped.exists()
-        Destination.objects.filter(pk=destination.pk).update(
+        rows = Destination.objects.filter(pk=destination.pk)
+        rows.update(
             enabled=True,
             paused_at=None,
             pause_reason="",
             disabled_at=None,
             disabled_reason="",
             consecutive_failures=0,
-            failing_since=None,
         )
+        # Enabling does not fix the destination: it still counts as failing, from
+        # now, until an event gets through, which sends the "recovered" e-mail.
+        rows.filter(failing_since__isnull=False).update(failing_since=now)
         released = Delivery.objects.filter(
             destination=destination, status=DeliveryStatus.HELD
         ).update(
@@ -173,9 +172,6 @@ def enable(destination: Destination) -> int:
             destination=destination, status=DeliveryStatus.PENDING
         ).update(next_attempt_at=now)
         transaction.on_commit(wake_workers)
-        if resumed:
-            detail = f"Sending was enabled again; {released} held events go out now."
-            notify(destination, Change.RECOVERED, detail)
     logger.info(
         "Enabled destination %s; released %d held deliveries", destination.pk, released
     )

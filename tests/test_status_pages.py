@@ -1036,20 +1036,29 @@ def test_disable_mails_subscriber(
     ]
 
 
-def test_enable_mails_recovery_after_pause(
+def test_enable_mails_recovery_only_after_a_delivery(
     shop: Application,
     subscriber: NotificationPreference,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    destination = sqs_destination(shop, paused_at=timezone.now(), pause_reason="x")
+    now = timezone.now()
+    destination = sqs_destination(
+        shop, paused_at=now, pause_reason="x", failing_since=now
+    )
     make_delivery(make_event(shop), destination, DeliveryStatus.HELD)
 
     with django_capture_on_commit_callbacks(execute=True):
         health.enable(destination)
 
+    assert mails_to("dev@shop.example") == []
+
+    outcome = health.BatchOutcome()
+    outcome.add(Sent(remote_message_id="m-1"))
+    with django_capture_on_commit_callbacks(execute=True):
+        health.apply(destination, outcome, timezone.now())
+
     [message] = mails_to("dev@shop.example")
     assert message.subject == "[Shop TEST] Delivery recovered"
-    assert "1 held events go out now" in message.body
 
 
 def test_enable_of_active_destination_mails_nobody(
