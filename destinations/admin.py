@@ -5,13 +5,12 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.contrib.admin.utils import flatten_fieldsets, unquote
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.http import (
     HttpRequest,
     HttpResponse,
-    HttpResponseNotAllowed,
     StreamingHttpResponse,
 )
 from django.shortcuts import redirect
@@ -388,19 +387,9 @@ class DestinationAdmin(
         return [send_test, *super().get_urls()]
 
     def send_test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        if request.method != "POST":
-            return HttpResponseNotAllowed(["POST"])
-        destination = self.get_object(request, unquote(object_id))
-        if destination is None:
-            self.message_user(
-                request,
-                f"No destination with ID {object_id!r} exists; it may have been "
-                "deleted.",
-                messages.WARNING,
-            )
-            return redirect(reverse("admin:destinations_destination_changelist"))
-        if not self.has_change_permission(request, destination):
-            raise PermissionDenied
+        destination = self.destination_for_post(request, object_id)
+        if isinstance(destination, HttpResponse):
+            return destination
 
         send_test_event(destination, requested_by=request.user)
         self.message_user(

@@ -120,7 +120,12 @@ class CheckAccessMixin(_AdminBase):
         )
         return [check_access, *super().get_urls()]
 
-    def check_access_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+    def destination_for_post(
+        self, request: HttpRequest, object_id: str
+    ) -> Destination | HttpResponse:
+        """Return the destination a POST-only button acts on, or the response that
+        refuses the request: 405 for another method, a redirect with a warning for
+        an unknown id. Raise PermissionDenied without the change right."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         destination = self.get_object(request, unquote(object_id))
@@ -134,6 +139,12 @@ class CheckAccessMixin(_AdminBase):
             return redirect(reverse("admin:destinations_destination_changelist"))
         if not self.has_change_permission(request, destination):
             raise PermissionDenied
+        return destination
+
+    def check_access_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        destination = self.destination_for_post(request, object_id)
+        if isinstance(destination, HttpResponse):
+            return destination
 
         result = check_destination(destination)
         level, text = report(destination, result)
