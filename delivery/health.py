@@ -194,6 +194,25 @@ def disable(destination: Destination) -> None:
     )
 
 
+def release_stray_held() -> int:
+    """Release held deliveries of destinations that are active, and count them.
+
+    A publish that read a destination as paused just before it was enabled can
+    create held deliveries after enable() released the others; without this they
+    would wait forever, and on an ordered destination block their keys.
+    """
+    now = timezone.now()
+    released = Delivery.objects.filter(
+        status=DeliveryStatus.HELD,
+        destination__enabled=True,
+        destination__paused_at__isnull=True,
+        destination__disabled_at__isnull=True,
+    ).update(status=DeliveryStatus.PENDING, next_attempt_at=now, updated_at=now)
+    if released:
+        logger.warning("Released %d held deliveries of active destinations", released)
+    return released
+
+
 def sweep_failing_destinations() -> int:
     """Disable destinations that have failed long enough, even if no attempt ran
     since, as when retries are hours apart. Return how many were disabled.

@@ -20,13 +20,15 @@ def notify_contacts(destination: Destination, subject: str, body: str) -> None:
         )
         return
     try:
+        # A line break in an application's name would make an invalid header.
+        name = " ".join(destination.application.name.split())
         send_mail(
-            subject=f"[{destination.application.name} {destination.stage}] {subject}",
+            subject=f"[{name} {destination.stage}] {subject}",
             message=body,
             from_email=settings.DEFAULT_FROM_EMAIL,
             recipient_list=recipients,
         )
-    except OSError:
+    except (OSError, ValueError):
         logger.exception(
             "Destination %s: could not send the e-mail %r", destination.pk, subject
         )

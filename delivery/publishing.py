@@ -7,9 +7,10 @@ and workers are woken only after commit.
 
 import json
 import logging
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -17,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from destinations.models import Application, Destination
+from destinations.models import Application, Destination, Stage
 
 from .models import Delivery, DeliveryStatus, Event
 from .object_keys import MissingField, object_key
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = Event._meta.get_field("id").max_length or 64
 MAX_TYPE_LENGTH = Event._meta.get_field("type").max_length or 100
+MAX_KEY_LENGTH = Event._meta.get_field("object_key").max_length or 512
+# Event ids appear in URLs and as message ids: keep to URL-safe characters.
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
 class InvalidEvent(ValueError):
@@ -49,6 +53,9 @@ class PublishResult:
     duplicates: int = 0
     deliveries: int = 0
     held: int = 0
+    # Ids already recorded for another application or stage: not published here,
+    # because an event id is unique across the platform.
+    conflicts: list[str] = field(default_factory=list)
 
 
 def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
@@ -56,12 +63,22 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
     key. Raise InvalidEvent naming the field, the value and the fix."""
     if isinstance(raw, str):
         text = raw.strip()
+        if "\x00" in text or "\\u0000" in text:
+            raise InvalidEvent(
+                "The envelope contains a NUL character, which no destination "
+                "accepts in text. Remove it from the event."
+            )
         try:
-            envelope = json.loads(text)
+            envelope = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as error:
             raise InvalidEvent(
                 f"The envelope is not valid JSON ({error.msg} at character "
                 f"{error.pos}). Publish one JSON object per line."
+            ) from error
+        except RecursionError as error:
+            raise InvalidEvent(
+                "The envelope nests objects or arrays too deeply to read. Flatten "
+                "the event's data."
             ) from error
     else:
         envelope = raw
@@ -85,7 +102,18 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
         key = object_key(event_type, data, event_id)
     except MissingField as error:
         raise InvalidEvent(f"Event {event_id}: {error}") from error
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidEvent(
+            f"Event {event_id}: its object key {key[:80]!r}... is {len(key)} "
+            f"characters long; the limit is {MAX_KEY_LENGTH}. Shorten the object ids."
+        )
     return Envelope(event_id, time, event_type, data, key, text)
+
+
+def _reject_constant(name: str) -> None:
+    raise InvalidEvent(
+        f"The envelope contains {name}, which is not valid JSON. Send numbers only."
+    )
 
 
 def _text(envelope: dict[str, Any], name: str, max_length: int) -> str:
@@ -100,12 +128,23 @@ def _text(envelope: dict[str, Any], name: str, max_length: int) -> str:
             f"{name} {value[:80]!r}... is {len(value)} characters long; the limit is "
             f"{max_length}."
         )
+    if name == "id" and not ID_RE.fullmatch(value):
+        raise InvalidEvent(
+            f"id {value[:80]!r} has characters other than letters, digits and "
+            "'.', '_', ':', '-'. Use the platform's ULID event ids."
+        )
     return value
 
 
 def _time(envelope: dict[str, Any]) -> datetime:
     value = envelope.get("time")
-    parsed = parse_datetime(value) if isinstance(value, str) else None
+    try:
+        parsed = parse_datetime(value) if isinstance(value, str) else None
+        # Far-off offsets overflow when converted to UTC.
+        if parsed is not None and timezone.is_aware(parsed):
+            parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        parsed = None
     if parsed is None or timezone.is_naive(parsed):
         raise InvalidEvent(
             f"time is {value!r:.80}; it must be an ISO-8601 date-time with a time "
@@ -135,6 +174,13 @@ def publish_many(
     """
     from .tasks import wake_workers
 
+    if not isinstance(application, Application) or application.pk is None:
+        raise ValueError(
+            f"application must be a saved Application, not {application!r}"
+        )
+    if stage not in Stage.values:
+        raise ValueError(f"stage is {stage!r}; it must be one of {Stage.values}.")
+
     result = PublishResult()
     unique: dict[str, Envelope] = {}
     for envelope in envelopes:
@@ -145,20 +191,26 @@ def publish_many(
     if not unique:
         return result
 
-    destinations = [
-        destination
-        for destination in Destination.objects.filter(
-            application=application, stage=stage
-        )
-        if destination.enabled or destination.holds_deliveries
-    ]
-
     with transaction.atomic():
-        known = set(
-            Event.objects.filter(pk__in=list(unique)).values_list("pk", flat=True)
+        # Read inside the transaction, so a destination enabled meanwhile does not
+        # get held deliveries; the sweep releases any that a race leaves behind.
+        destinations = [
+            destination
+            for destination in Destination.objects.filter(
+                application=application, stage=stage
+            )
+            if destination.enabled or destination.holds_deliveries
+        ]
+        recorded = Event.objects.filter(pk__in=list(unique)).values_list(
+            "pk", "application_id", "stage"
         )
+        known = set()
+        for event_id, application_id, event_stage in recorded:
+            known.add(event_id)
+            if application_id != application.pk or event_stage != stage:
+                result.conflicts.append(event_id)
         fresh = [envelope for envelope in unique.values() if envelope.id not in known]
-        result.duplicates += len(known)
+        result.duplicates += len(known) - len(result.conflicts)
         result.recorded = len(fresh)
         # ignore_conflicts: an event recorded meanwhile by a concurrent publisher is
         # skipped here, and so are its deliveries, by their unique constraint.

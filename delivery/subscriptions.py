@@ -76,7 +76,9 @@ def send_notifications(destination_id: int, change: Change, detail: str) -> int:
         return 0
 
     application = destination.application
-    subject = f"[{application.name} {destination.stage}] {SUBJECTS[change]}"
+    # A line break in an application's name would make an invalid header.
+    name = " ".join(application.name.split())
+    subject = f"[{name} {destination.stage}] {SUBJECTS[change]}"
     body = (
         f"{SUBJECTS[change]}: {destination.name} ({destination.target}).\n\n"
         f"{detail}\n\n"
@@ -88,7 +90,7 @@ def send_notifications(destination_id: int, change: Change, detail: str) -> int:
     ]
     try:
         sent = send_mass_mail(messages)
-    except OSError:
+    except (OSError, ValueError):
         logger.exception(
             "Destination %s: could not mail %d subscribers about %s",
             destination.pk,

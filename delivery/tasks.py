@@ -25,12 +25,13 @@ def send_due() -> None:
 
 @shared_task(acks_late=True, ignore_result=True)
 def sweep() -> None:
-    """Periodic: reclaim deliveries of vanished workers, queue unfinished bulk jobs
-    again, disable destinations that keep failing, and wake workers when deliveries
-    are due."""
+    """Periodic: reclaim deliveries of vanished workers, release held deliveries of
+    active destinations, queue unfinished bulk jobs again, disable destinations that
+    keep failing, and wake workers when deliveries are due."""
     from . import bulk
 
     engine.release_expired_leases()
+    health.release_stray_held()
     bulk.requeue_unfinished()
     health.sweep_failing_destinations()
     if engine.has_due_work():

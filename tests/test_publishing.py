@@ -4,6 +4,7 @@ with their deliveries in the caller's transaction, and the publish_events comman
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from io import StringIO
@@ -371,3 +372,85 @@ def test_publish_events_exits_nonzero_on_invalid(
     assert "line 2: The envelope is a JSON list, not an object" in finished.stderr
     assert Event.objects.filter(id=json.loads(lines[0])["id"]).exists()
     assert not Destination.objects.exists()
+
+
+# Hostile input: each is one clear error, never a crash.
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (json.dumps(envelope(time="2025-02-30T08:00:00Z")), "time is"),
+        (json.dumps(envelope(time="0001-01-01T00:00:00+14:00")), "time is"),
+        (json.dumps(envelope(id="a/b")), "id 'a/b' has characters"),
+        ('{"id": "x", "type": "ACCEPT", "data": NaN}', "contains NaN"),
+        ("[" * 100_000 + "]" * 100_000, "nests objects or arrays too deeply"),
+        (json.dumps(envelope(type="A\u0000")), "NUL character"),
+        (
+            json.dumps(envelope(data={**ACCEPT_DATA, "channel_order_id": "o" * 600})),
+            "the limit is 512",
+        ),
+    ],
+    ids=[
+        "impossible-date",
+        "overflowing-offset",
+        "slash-in-id",
+        "nan",
+        "deep",
+        "nul",
+        "long-key",
+    ],
+)
+def test_parse_rejects_hostile_envelope(text: str, expected: str) -> None:
+    with pytest.raises(InvalidEvent, match=re.escape(expected)):
+        parse_envelope(text)
+
+
+def test_publish_rejects_unknown_stage(application: Application) -> None:
+    with pytest.raises(ValueError, match="stage is 'test'"):
+        publish(application, "test", json.dumps(envelope()))
+
+    assert not Event.objects.exists()
+
+
+def test_publish_reports_id_of_other_application(application: Application) -> None:
+    other = Application.objects.create(name="Other", slug="other")
+    make_destination(other)
+    publish(application, Stage.PROD, json.dumps(envelope()))
+
+    result = publish(other, Stage.PROD, json.dumps(envelope()))
+
+    assert result.conflicts == [envelope()["id"]]
+    assert result.duplicates == 0
+    assert result.recorded == 0
+
+
+def test_publish_events_names_conflicting_id(
+    application: Application, tmp_path: Path
+) -> None:
+    publish(application, Stage.TEST, json.dumps(envelope()))
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(envelope()) + "\n", encoding="utf-8")
+    stderr = StringIO()
+
+    with pytest.raises(CommandError, match="1 line was invalid"):
+        run_publish_events(path, stdout=StringIO(), stderr=stderr)
+
+    assert f"event {envelope()['id']}: already recorded" in stderr.getvalue()
+
+
+def test_publish_events_names_non_utf8_line(
+    application: Application, tmp_path: Path
+) -> None:
+    lines = stream_lines()
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + lines[0].encode() + b"\n\xff\xfe\n" + lines[1].encode()
+    )
+    stderr = StringIO()
+
+    with pytest.raises(CommandError, match="1 line was invalid"):
+        run_publish_events(path, stdout=StringIO(), stderr=stderr)
+
+    assert "line 2: byte 1 is not UTF-8" in stderr.getvalue()
+    assert Event.objects.count() == 2

@@ -3,7 +3,7 @@
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from django.core.management.base import (
     BaseCommand,
@@ -69,8 +69,18 @@ class Command(BaseCommand):
         errors: list[str] = []
         batch: list[Envelope] = []
         with _open(path) as lines:
-            for number, line in enumerate(lines, start=1):
+            for number, raw in enumerate(lines, start=1):
                 progress.update(number)
+                try:
+                    # utf-8-sig drops a byte order mark, which editors may add.
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    errors.append(
+                        f"line {number}: byte {error.start + 1} is not UTF-8 "
+                        f"({raw[error.start : error.start + 1]!r}). Save the file "
+                        "as UTF-8."
+                    )
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -82,6 +92,11 @@ class Command(BaseCommand):
                     batch = []
         _publish(application, options["stage"], batch, result)
         progress.finish()
+        errors += [
+            f"event {event_id}: already recorded for another application or stage; "
+            "event ids are unique across the platform, so give this event a new id."
+            for event_id in result.conflicts
+        ]
 
         self._summary(application, options["stage"], result, errors)
         if errors:
@@ -124,14 +139,16 @@ def _publish(
     result.duplicates += published.duplicates
     result.deliveries += published.deliveries
     result.held += published.held
+    result.conflicts += published.conflicts
 
 
-def _open(path: Path) -> AbstractContextManager[TextIO]:
+def _open(path: Path) -> AbstractContextManager[BinaryIO]:
+    """Open the file as bytes, so each line is decoded, and reported, on its own."""
     if str(path) == "-":
         # Leave stdin open for whoever called the command.
-        return nullcontext(sys.stdin)
+        return nullcontext(sys.stdin.buffer)
     try:
-        return path.open(encoding="utf-8")
+        return path.open("rb")
     except OSError as error:
         raise CommandError(f"Cannot read {path}: {error.strerror}.") from error
 
