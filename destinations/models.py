@@ -9,7 +9,7 @@ from django.core.validators import (
     MinValueValidator,
     validate_email,
 )
-from django.db import models
+from django.db import models, transaction
 
 from . import encryption
 from .encryption import EncryptedTextField
@@ -101,6 +101,12 @@ class Application(models.Model):
     @property
     def contact_email_list(self) -> list[str]:
         return split_emails(self.contact_emails)
+
+
+# The columns `Destination.is_ordered` reads.
+ORDERING_FIELDS = frozenset(
+    {"kind", "sqs_fifo", "pubsub_ordering", "servicebus_sessions"}
+)
 
 
 class Destination(models.Model):
@@ -248,6 +254,9 @@ class Destination(models.Model):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._new_connection_string: str | None = None
+        # Whether the stored row keeps order; None when unknown, as for a row
+        # loaded without the ordering columns.
+        self._stored_ordered: bool | None = None
 
     def __str__(self) -> str:
         return f"{self.application} / {self.stage} / {self.name}"
@@ -261,7 +270,58 @@ class Destination(models.Model):
                 self._new_connection_string.strip()
             )
             self._new_connection_string = None
-        super().save(*args, **kwargs)
+        adding = self._state.adding
+        update_fields = kwargs.get("update_fields")
+        touches_ordering = update_fields is None or bool(
+            ORDERING_FIELDS & set(update_fields)
+        )
+        with transaction.atomic():
+            super().save(*args, **kwargs)
+            changed = self._stored_ordered != self.is_ordered
+            if touches_ordering and not adding and changed:
+                self._align_ordering_keys()
+        if touches_ordering:
+            self._stored_ordered = self.is_ordered
+
+    @classmethod
+    def from_db(cls, *args: Any, **kwargs: Any) -> "Destination":
+        instance = super().from_db(*args, **kwargs)
+        instance._remember_ordered()
+        return instance
+
+    def refresh_from_db(
+        self,
+        using: str | None = None,
+        fields: Any = None,
+        from_queryset: Any = None,
+    ) -> None:
+        super().refresh_from_db(using, fields, from_queryset)
+        # A partial refresh leaves unsaved ordering columns as they were.
+        if fields is None or set(fields) >= ORDERING_FIELDS:
+            self._remember_ordered()
+
+    def _remember_ordered(self) -> None:
+        # Reading a deferred column would cost a query per loaded row.
+        loaded = not (ORDERING_FIELDS & self.get_deferred_fields())
+        self._stored_ordered = self.is_ordered if loaded else None
+
+    def _align_ordering_keys(self) -> None:
+        """Set the ordering key of this destination's unfinished deliveries to the
+        one publishing would set now. The engine keeps order only among keyed
+        deliveries."""
+        # NOTE: a publish that read this destination before the save commits still
+        # creates its delivery with the old key.
+        from delivery.models import UNFINISHED, Delivery, Event
+
+        unfinished = Delivery.objects.filter(destination=self, status__in=UNFINISHED)
+        if self.is_ordered:
+            object_key = Event.objects.filter(pk=models.OuterRef("event_id"))
+            # Test events go out alone, whatever the destination's ordering.
+            unfinished.filter(ordering_key="", is_test=False).update(
+                ordering_key=models.Subquery(object_key.values("object_key")[:1])
+            )
+        else:
+            unfinished.exclude(ordering_key="").update(ordering_key="")
 
     def clean(self) -> None:
         from .validation import validate_destination
