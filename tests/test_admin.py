@@ -131,6 +131,26 @@ def test_add_invalid_queue_url_shows_field_error(
     assert not Destination.objects.filter(name="New destination").exists()
 
 
+def test_ordering_without_endpoint_keeps_own_message(
+    admin_client: Client, application: Application
+) -> None:
+    form = common_form(application, Kind.PUBSUB)
+    form |= {
+        "pubsub_project_id": "partner-project-1",
+        "pubsub_topic_id": "partner-events",
+        "pubsub_ordering": "on",
+        "pubsub_endpoint": "",
+    }
+
+    response = admin_client.post(f"{ADD_URL}?kind=pubsub", form)
+
+    assert response.status_code == 200
+    errors = " ".join(response.context["adminform"].form.errors["pubsub_endpoint"])
+    assert "Message ordering needs a regional endpoint" in errors
+    assert "This field is required." not in errors
+    assert not Destination.objects.filter(name="New destination").exists()
+
+
 def test_add_servicebus_encrypts_connection_string(
     admin_client: Client, application: Application
 ) -> None:

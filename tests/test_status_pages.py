@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core import mail
 from django.db import connection
 from django.test import Client
@@ -222,6 +223,11 @@ URLS: list[tuple[str, str, Callable[[World], list[object]]]] = [
 URL_IDS = [f"{method} {name}" for name, method, _ in URLS]
 PAGES = [(name, args) for name, method, args in URLS if method == "get"]
 PAGE_IDS = [name for name, _ in PAGES]
+# What sends events, and the replay form that leads to it.
+ACTIONS = [url for url in URLS if url[0] in ("send-test", "replay", "retry")]
+ACTION_IDS = [f"{method} {name}" for name, method, _ in ACTIONS]
+LOOK_PAGES = [(name, args) for name, args in PAGES if name != "replay"]
+LOOK_PAGE_IDS = [name for name, _ in LOOK_PAGES]
 
 
 def replay_form(start: datetime, end: datetime, **extra: str) -> dict[str, str]:
@@ -280,22 +286,149 @@ def test_member_opens_every_page(
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize(("name", "args"), PAGES, ids=PAGE_IDS)
-def test_staff_opens_every_page(
+def make_staff(
+    django_user_model: type["User"], *permissions: str, superuser: bool = False
+) -> "User":
+    staff = django_user_model.objects.create_user(
+        username="staff", password=PASSWORD, is_staff=True, is_superuser=superuser
+    )
+    for codename in permissions:
+        staff.user_permissions.add(
+            Permission.objects.get(
+                content_type__app_label="destinations", codename=codename
+            )
+        )
+    return staff
+
+
+@pytest.mark.parametrize(("name", "args"), LOOK_PAGES, ids=LOOK_PAGE_IDS)
+def test_staff_with_view_permission_opens_pages(
     client: Client,
     world: World,
     django_user_model: type["User"],
     name: str,
     args: Callable[[World], list[object]],
 ) -> None:
-    staff = django_user_model.objects.create_user(
-        username="staff", password=PASSWORD, is_staff=True
-    )
-    client.force_login(staff)
+    client.force_login(make_staff(django_user_model, "view_destination"))
 
     response = client.get(reverse(f"status:{name}", args=args(world)))
 
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(("name", "method", "args"), URLS, ids=URL_IDS)
+def test_staff_without_permissions_gets_404(
+    client: Client,
+    world: World,
+    django_user_model: type["User"],
+    name: str,
+    method: str,
+    args: Callable[[World], list[object]],
+) -> None:
+    client.force_login(make_staff(django_user_model))
+    url = reverse(f"status:{name}", args=args(world))
+
+    response = getattr(client, method)(url)
+
+    assert response.status_code == 404
+
+
+def test_staff_without_permissions_sees_no_application(
+    client: Client, world: World, django_user_model: type["User"]
+) -> None:
+    client.force_login(make_staff(django_user_model))
+
+    response = client.get(reverse("status:home"))
+
+    assert response.context["rows"] == []
+
+
+@pytest.mark.parametrize(("name", "method", "args"), ACTIONS, ids=ACTION_IDS)
+def test_view_only_staff_cannot_act(
+    client: Client,
+    world: World,
+    django_user_model: type["User"],
+    name: str,
+    method: str,
+    args: Callable[[World], list[object]],
+) -> None:
+    client.force_login(make_staff(django_user_model, "view_destination"))
+    url = reverse(f"status:{name}", args=args(world))
+    now = timezone.now()
+
+    response = getattr(client, method)(
+        url, replay_form(now - timedelta(hours=1), now, confirm="1")
+    )
+
+    world.delivery.refresh_from_db()
+    assert response.status_code == 403
+    assert world.delivery.status == DeliveryStatus.FAILED
+    assert not Delivery.objects.filter(is_test=True).exists()
+    assert Replay.objects.count() == 1
+
+
+def test_view_only_staff_sees_no_buttons(
+    client: Client, world: World, django_user_model: type["User"]
+) -> None:
+    client.force_login(make_staff(django_user_model, "view_destination"))
+    destination_url = reverse(
+        "status:destination", args=[*scope_args(world), world.destination.pk]
+    )
+    event_url = reverse("status:event", args=[*scope_args(world), world.event.pk])
+
+    destination_page = client.get(destination_url).text
+    event_page = client.get(event_url).text
+
+    assert "Send test event</button>" not in destination_page
+    assert "Retry<span" not in destination_page
+    assert "Retry<span" not in event_page
+
+
+@pytest.mark.parametrize(
+    "permissions", [("view_destination", "change_destination"), ()], ids=str
+)
+def test_allowed_staff_retries_delivery(
+    client: Client,
+    world: World,
+    django_user_model: type["User"],
+    permissions: tuple[str, ...],
+) -> None:
+    superuser = not permissions
+    client.force_login(make_staff(django_user_model, *permissions, superuser=superuser))
+    url = reverse("status:retry", args=[*scope_args(world), world.delivery.pk])
+
+    response = client.post(url)
+
+    world.delivery.refresh_from_db()
+    assert response.status_code == 302
+    assert world.delivery.status == DeliveryStatus.PENDING
+
+
+def test_superuser_sends_test_event(
+    client: Client, world: World, django_user_model: type["User"]
+) -> None:
+    client.force_login(make_staff(django_user_model, superuser=True))
+    url = reverse("status:send-test", args=[*scope_args(world), world.destination.pk])
+
+    response = client.post(url)
+
+    assert response.status_code == 302
+    assert Delivery.objects.filter(destination=world.destination, is_test=True).exists()
+
+
+def test_superuser_replays_after_confirming(
+    client: Client, world: World, django_user_model: type["User"]
+) -> None:
+    client.force_login(make_staff(django_user_model, superuser=True))
+    url = reverse("status:replay", args=[*scope_args(world), world.destination.pk])
+    now = timezone.now()
+
+    response = client.post(
+        url, replay_form(now - timedelta(days=1), now + timedelta(hours=1), confirm="1")
+    )
+
+    assert response.status_code == 302
+    assert Replay.objects.count() == 2
 
 
 def test_destination_of_other_stage_is_not_found(
@@ -1142,9 +1275,7 @@ def test_replay_progress_waits_without_refresh_when_off(
 def test_notification_page_warns_staff_non_member(
     client: Client, shop: Application, django_user_model: type["User"]
 ) -> None:
-    staff = django_user_model.objects.create_user(
-        username="staff", email="staff@example.com", password=PASSWORD, is_staff=True
-    )
+    staff = make_staff(django_user_model, "view_destination")
     client.force_login(staff)
 
     response = client.get(reverse("status:notifications", args=[shop.slug]))

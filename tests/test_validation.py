@@ -26,7 +26,16 @@ FUTURE_EXPIRY = 4102444800
 PAST_EXPIRY = 1000000000
 
 
-def signature(expiry: int) -> str:
+# Digits to Unicode, not to int() or to a regular expression's [0-9].
+ARABIC_ACCOUNT = "".join(chr(0x0660 + int(digit)) for digit in "123456789012")
+LONG_CONNECTION_STRING = f"{CONNECTION_STRING};EntityPath={'a' * 4000}"
+
+
+def emulator_string(port: str) -> str:
+    return f"Endpoint=sb://127.0.0.1:{port};{CREDENTIALS};UseDevelopmentEmulator=true"
+
+
+def signature(expiry: int | str) -> str:
     return (
         "SharedAccessSignature sr=sb%3a%2f%2fpartner-events.servicebus.windows.net"
         f"%2forders&sig={SIGNATURE_VALUE}&se={expiry}&skn=platform-send"
@@ -517,6 +526,54 @@ INVALID = [
         "is not a KMS key ARN",
         "1234abcd-12ab-34cd-56ef-1234567890ab",
         id="sqs-kms-key-id-instead-of-arn",
+    ),
+    pytest.param(
+        Kind.SQS,
+        {
+            "sqs_queue_url": QUEUE_URL,
+            "sqs_encryption": SqsEncryption.SSE_KMS,
+            "sqs_kms_key_arn": KEY_ARN.replace("123456789012", ARABIC_ACCOUNT),
+        },
+        "sqs_kms_key_arn",
+        "is not a KMS key ARN",
+        ARABIC_ACCOUNT,
+        id="sqs-kms-key-arn-with-arabic-indic-account",
+    ),
+    pytest.param(
+        Kind.SQS,
+        {
+            "sqs_queue_url": QUEUE_URL,
+            "sqs_encryption": SqsEncryption.SSE_KMS,
+            "sqs_kms_key_arn": KEY_ARN.replace("eu-west-1", "eu-west-\u0661"),
+        },
+        "sqs_kms_key_arn",
+        "is not a KMS key ARN",
+        "eu-west-\u0661",
+        id="sqs-kms-key-arn-with-arabic-indic-region",
+    ),
+    pytest.param(
+        Kind.SQS,
+        {"sqs_queue_url": QUEUE_URL.replace("123456789012", ARABIC_ACCOUNT)},
+        "sqs_queue_url",
+        "is not an AWS account ID, which has 12 digits",
+        ARABIC_ACCOUNT,
+        id="sqs-account-of-arabic-indic-digits",
+    ),
+    pytest.param(
+        Kind.SQS,
+        {"sqs_queue_url": QUEUE_URL.replace("eu-west-1", "eu-west-\u0661")},
+        "sqs_queue_url",
+        "is not an SQS endpoint",
+        "eu-west-\u0661",
+        id="sqs-url-region-of-arabic-indic-digit",
+    ),
+    pytest.param(
+        Kind.SQS,
+        {"sqs_queue_url": QUEUE_URL, "sqs_region": "eu-west-\u0661"},
+        "sqs_region",
+        "is not an AWS region code",
+        "eu-west-\u0661",
+        id="sqs-region-of-arabic-indic-digit",
     ),
     pytest.param(
         Kind.SQS,
@@ -1029,6 +1086,87 @@ INVALID = [
         str(200 * 1024 * 1024),
         id="servicebus-max-message-size-over-100-mb",
     ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": f"{CONNECTION_STRING};EntityPath=orders",
+            "servicebus_max_message_size": 0,
+        },
+        "servicebus_max_message_size",
+        "is smaller than 1024 bytes",
+        "0",
+        id="servicebus-max-message-size-zero",
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": f"{CONNECTION_STRING};EntityPath=orders",
+            "servicebus_max_message_size": 1023,
+        },
+        "servicebus_max_message_size",
+        "is smaller than 1024 bytes",
+        "1023",
+        id="servicebus-max-message-size-1023",
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": emulator_string("\u00b2"),
+            "servicebus_entity_name": "orders",
+        },
+        "servicebus_connection_string",
+        "has an invalid port",
+        "\u00b2",
+        id="servicebus-port-superscript-two",
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": emulator_string("\u0665\u0666\u0667\u0662"),
+            "servicebus_entity_name": "orders",
+        },
+        "servicebus_connection_string",
+        "has an invalid port",
+        "\u0665\u0666\u0667\u0662",
+        id="servicebus-port-of-arabic-indic-digits",
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": (
+                f"{ENDPOINT};SharedAccessSignature={signature('\u00b2')}"
+            ),
+            "servicebus_entity_name": "orders",
+        },
+        "servicebus_connection_string",
+        "is not a number of seconds since 1970",
+        "se",
+        id="servicebus-expiry-superscript-two",
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": (
+                f"{ENDPOINT};SharedAccessSignature={signature(10**20)}"
+            ),
+            "servicebus_entity_name": "orders",
+        },
+        "servicebus_connection_string",
+        "is after the year 9999",
+        str(10**20),
+        id="servicebus-expiry-beyond-datetime",
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        {
+            "connection_string": LONG_CONNECTION_STRING,
+            "servicebus_entity_name": "orders",
+        },
+        "servicebus_connection_string",
+        f"is {len(LONG_CONNECTION_STRING)} characters long",
+        "4096",
+        id="servicebus-connection-string-too-long",
+    ),
 ]
 
 
@@ -1110,7 +1248,7 @@ MISSING = [
 
 
 @pytest.mark.parametrize(("kind", "values", "field", "fragment"), MISSING)
-def test_missing_value_is_required_error(
+def test_missing_value_gets_missing_code(
     application: Application,
     kind: str,
     values: dict[str, Any],
@@ -1121,7 +1259,7 @@ def test_missing_value_is_required_error(
 
     assert field in error.error_dict, error.message_dict
     codes = [item.code for item in error.error_dict[field]]
-    assert "required" in codes
+    assert "missing" in codes
     assert fragment in "\n".join(error.message_dict[field])
 
 
@@ -1233,6 +1371,17 @@ def test_error_messages_never_contain_secret(
     assert SHARED_ACCESS_KEY.rstrip("=").lower() not in messages.lower()
     assert SIGNATURE_VALUE not in messages
     assert text.strip() not in messages
+
+
+def test_long_connection_string_rejected_before_parsing() -> None:
+    # Thousands of malformed pairs, each of which parsing would report.
+    text = ";".join(["x"] * 3000)
+
+    with pytest.raises(ValidationError) as caught:
+        parse_connection_string(text)
+
+    assert [error.code for error in caught.value.error_list] == ["too_long"]
+    assert "5999 characters long" in caught.value.messages[0]
 
 
 def test_parse_connection_string_returns_parts() -> None:

@@ -8,7 +8,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import (
+    AbstractBaseUser,
+    AnonymousUser,
+    PermissionsMixin,
+)
 from django.db import connection
 from django.db.models import (
     Aggregate,
@@ -41,14 +45,37 @@ RECENT_FAILURES = 10
 User = AbstractBaseUser | AnonymousUser
 
 
+VIEW_PERMISSION = "destinations.view_destination"
+ACT_PERMISSION = "destinations.change_destination"
+
+
+def staff_may(user: User, permission: str) -> bool:
+    """Whether `user` is staff holding `permission` (superusers hold them all).
+
+    Being staff alone grants nothing here, as in the admin: a staff account made
+    for one task must not see or act on every application's deliveries.
+    """
+    if not getattr(user, "is_staff", False):
+        return False
+    return isinstance(user, PermissionsMixin) and user.has_perm(permission)
+
+
 def visible_applications(user: User) -> QuerySet[Application]:
-    """Return the applications `user` may see: staff see all, an app developer
-    only those that list them among their developers."""
-    if getattr(user, "is_staff", False):
+    """Return the applications `user` may see: staff allowed to view destinations
+    see all, anyone else only those that list them among their developers."""
+    if staff_may(user, VIEW_PERMISSION):
         return Application.objects.all()
     if not user.is_authenticated:
         return Application.objects.none()
     return Application.objects.filter(developers=user.pk)
+
+
+def may_act(user: User, application: Application) -> bool:
+    """Whether `user` may send test events, retry and replay for `application`:
+    its own developers, and staff allowed to change destinations."""
+    if staff_may(user, ACT_PERMISSION):
+        return True
+    return user.is_authenticated and application.developers.filter(pk=user.pk).exists()
 
 
 # Health, as the overview shows it.

@@ -2,18 +2,21 @@
 
 An app developer sees only the applications that list them among their developers;
 every other application, and its destinations, events and deliveries, is "not
-found" to them (404), so the pages do not reveal what exists. Staff see all.
+found" to them (404), so the pages do not reveal what exists. Staff see every
+application only with the permission to view destinations, and send test events,
+retry or replay only with the permission to change them (403 otherwise).
 """
 
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import wraps
+from functools import cached_property, wraps
 from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -39,7 +42,7 @@ from . import queries
 from .forms import EventSearchForm, NotificationForm, ReplayForm
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import User
+    from django.contrib.auth.models import AnonymousUser, User
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,13 @@ class Scope:
 
     application: Application
     stage: str
+    user: "User | AnonymousUser"
+
+    @cached_property
+    def can_act(self) -> bool:
+        """Whether the user may send test events, retry and replay here. Asked
+        only by the pages that offer those, to spare the others a query."""
+        return queries.may_act(self.user, self.application)
 
     def destinations(self) -> QuerySet[Destination]:
         return Destination.objects.filter(
@@ -86,9 +96,29 @@ def scoped(view: ScopedView) -> Callable[..., HttpResponse]:
         found = get_object_or_404(
             queries.visible_applications(request.user), slug=application
         )
-        return view(request, Scope(found, stage), **kwargs)
+        return view(request, Scope(found, stage, request.user), **kwargs)
 
     return wrapper
+
+
+def acting(view: ScopedView) -> Callable[..., HttpResponse]:
+    """Like scoped, for a view that sends events: 403 for a user who may only look.
+
+    The application itself stays hidden (404) from those who may not see it.
+    """
+
+    @wraps(view)
+    def checked(
+        request: HttpRequest, scope: Scope, *args: Any, **kwargs: Any
+    ) -> HttpResponse:
+        if not scope.can_act:
+            raise PermissionDenied(
+                "Sending test events, retrying and replaying need the permission "
+                "to change destinations."
+            )
+        return view(request, scope, *args, **kwargs)
+
+    return scoped(checked)
 
 
 def signed_in_user(request: HttpRequest) -> "User":
@@ -157,7 +187,7 @@ def destination_detail(
 
 
 @require_POST
-@scoped
+@acting
 def send_test(request: HttpRequest, scope: Scope, destination: int) -> HttpResponse:
     found = get_object_or_404(scope.destinations(), pk=destination)
     delivery = send_test_event(found, requested_by=request.user)
@@ -215,7 +245,7 @@ def event_detail(request: HttpRequest, scope: Scope, event_id: str) -> HttpRespo
 
 
 @require_POST
-@scoped
+@acting
 def retry_delivery(request: HttpRequest, scope: Scope, delivery: int) -> HttpResponse:
     found = get_object_or_404(
         Delivery.objects.select_related("destination"),
@@ -244,7 +274,7 @@ def retry_delivery(request: HttpRequest, scope: Scope, delivery: int) -> HttpRes
 # Replays.
 
 
-@scoped
+@acting
 def replay_request(
     request: HttpRequest, scope: Scope, destination: int
 ) -> HttpResponse:

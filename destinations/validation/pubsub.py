@@ -90,7 +90,7 @@ def check_project_id(project: str, errors: dict[str, list[ValidationError]]) -> 
             ValidationError(
                 "Enter the ID of the Google Cloud project that contains the topic, "
                 "for example my-project-123456.",
-                code="required",
+                code="missing",
             )
         )
     elif not PROJECT_ID_RE.fullmatch(project):
@@ -112,7 +112,7 @@ def check_topic_id(topic: str, errors: dict[str, list[ValidationError]]) -> None
             ValidationError(
                 "Enter the topic ID, such as partner-events, or the topic's full name "
                 "projects/PROJECT/topics/TOPIC.",
-                code="required",
+                code="missing",
             )
         )
         return
@@ -162,7 +162,7 @@ def check_endpoint(
                     f"{EXAMPLE_ENDPOINT}, because Pub/Sub keeps the order of an "
                     "ordering key only among messages published in one region. Enter "
                     "the endpoint of the topic's region, or turn message ordering off.",
-                    code="required",
+                    code="missing",
                 )
             )
     elif GLOBAL_ENDPOINT_RE.fullmatch(endpoint):

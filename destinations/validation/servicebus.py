@@ -57,6 +57,14 @@ MAX_ENTITY_LENGTH = 260
 MAX_KEY_NAME_LENGTH = 256
 # The Premium tier's largest entity setting. The Standard tier allows 256 KB.
 MAX_MESSAGE_SIZE = 100 * 1024 * 1024
+# Below this, not even an event's envelope fits.
+MIN_MESSAGE_SIZE = 1024
+# Far above any real connection string (an Endpoint, a policy name of at most 256
+# characters, a key or signature and an entity path of at most 260), and checked
+# before parsing, whose time grows with the number of pairs.
+MAX_CONNECTION_STRING_LENGTH = 4096
+# The last second that Python's datetime can hold, 9999-12-31 23:59:59 UTC.
+MAX_EXPIRY = 253402300799
 
 PORTAL_HINT = (
     "Copy the primary connection string of a shared access policy with the Send "
@@ -98,8 +106,21 @@ def parse_connection_string(text: str) -> ConnectionString:
     Raise ValidationError listing every problem found, in messages that never
     contain a secret.
     """
+    if len(text) > MAX_CONNECTION_STRING_LENGTH:
+        raise ValidationError(
+            f"The connection string is {len(text)} characters long, but at most "
+            f"{MAX_CONNECTION_STRING_LENGTH} are accepted. Paste the connection "
+            f"string alone. {PORTAL_HINT}.",
+            code="too_long",
+        )
     parser = _Parser(text)
     return parser.parse()
+
+
+def is_number(text: str) -> bool:
+    """Whether `text` is ASCII digits only. str.isdigit() alone also accepts
+    digits such as '²' that int() rejects, and other scripts' digits."""
+    return text.isascii() and text.isdigit()
 
 
 class _Parser:
@@ -184,7 +205,7 @@ class _Parser:
                 self.secrets.append(value)
 
         if not self.pairs:
-            self.fail(f"The connection string is empty. {PORTAL_HINT}.", "required")
+            self.fail(f"The connection string is empty. {PORTAL_HINT}.", "missing")
 
         for position, (key, value) in enumerate(self.pairs, start=1):
             self.read_pair(position, key, value)
@@ -302,7 +323,7 @@ class _Parser:
     def read_port(self, endpoint: str, port_text: str) -> int | None:
         if not port_text:
             return None
-        if port_text.isdigit() and 0 < int(port_text) < 65536:
+        if is_number(port_text) and len(port_text) <= 5 and 0 < int(port_text) < 65536:
             return int(port_text)
         self.fail(
             f"Endpoint {self.shown(endpoint)} has an invalid port: write it as "
@@ -430,10 +451,17 @@ class _Parser:
             return None
 
         expiry = fields["se"]
-        if not expiry.isdigit():
+        if not is_number(expiry):
             self.fail(
                 "The SharedAccessSignature's expiry (se) is not a number of seconds "
                 "since 1970. Generate a new token.",
+                "invalid_signature",
+            )
+        elif len(expiry) > len(str(MAX_EXPIRY)) or int(expiry) > MAX_EXPIRY:
+            shown = self.shown(expiry) if len(expiry) <= 40 else f"{len(expiry)} digits"
+            self.fail(
+                f"The SharedAccessSignature's expiry (se) {shown} is after the year "
+                "9999, so it is not a time. Generate a new token.",
                 "invalid_signature",
             )
         elif int(expiry) <= time.time():
@@ -538,7 +566,7 @@ def validate(destination: Destination) -> None:
     else:
         errors["servicebus_connection_string"].append(
             ValidationError(
-                f"Enter a connection string. {PORTAL_HINT}.", code="required"
+                f"Enter a connection string. {PORTAL_HINT}.", code="missing"
             )
         )
 
@@ -546,6 +574,15 @@ def validate(destination: Destination) -> None:
 
     size = destination.servicebus_max_message_size
     # None when the field itself failed to validate, which Django reports already.
+    if size is not None and size < MIN_MESSAGE_SIZE:
+        errors["servicebus_max_message_size"].append(
+            ValidationError(
+                f"Maximum message size {size} is smaller than {MIN_MESSAGE_SIZE} "
+                "bytes, too small for any event. Enter the entity's own maximum "
+                "message size: 262144 (256 KB) on the Standard tier.",
+                code="invalid_max_message_size",
+            )
+        )
     if size is not None and size > MAX_MESSAGE_SIZE:
         errors["servicebus_max_message_size"].append(
             ValidationError(
@@ -573,7 +610,7 @@ def check_entity_name(destination: Destination, entity_path: str | None) -> Erro
                     "Enter the name of the queue or topic, or use a connection "
                     "string of the queue or topic itself, which ends in "
                     "EntityPath=NAME.",
-                    code="required",
+                    code="missing",
                 )
             ]
         return []

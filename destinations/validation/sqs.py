@@ -8,8 +8,9 @@ from django.core.exceptions import ValidationError
 
 from ..models import Destination, SqsEncryption
 
-# An AWS region code such as eu-west-1, us-gov-west-1 or cn-northwest-1.
-REGION = r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}"
+# An AWS region code such as eu-west-1, us-gov-west-1 or cn-northwest-1. Digits are
+# written [0-9] throughout, because \d also matches other scripts' digits.
+REGION = r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}"
 REGION_RE = re.compile(REGION)
 
 # The host forms SQS has used in queue URLs. The China regions are served under
@@ -26,10 +27,10 @@ QUEUE_URL_RE = re.compile(
     r"(?P<scheme>[A-Za-z]+://)?(?P<host>[^/]+)/(?P<account>[^/]+)/(?P<name>[^/]+)"
 )
 QUEUE_ARN_RE = re.compile(
-    rf"arn:aws(?:-cn|-us-gov)?:sqs:(?P<region>{REGION}):(?P<account>\d{{12}}):"
+    rf"arn:aws(?:-cn|-us-gov)?:sqs:(?P<region>{REGION}):(?P<account>[0-9]{{12}}):"
     r"(?P<name>[^:/]+)"
 )
-ACCOUNT_RE = re.compile(r"\d{12}")
+ACCOUNT_RE = re.compile(r"[0-9]{12}")
 # SQS limits a queue name to 80 characters, the .fifo of a FIFO queue included.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,80}|[A-Za-z0-9_-]{1,75}\.fifo")
 
@@ -39,7 +40,7 @@ KMS_KEY_ID = (
     r"|mrk-[0-9a-f]{32}"
 )
 KMS_KEY_ARN_RE = re.compile(
-    rf"arn:(?P<partition>aws|aws-cn|aws-us-gov):kms:(?P<region>{REGION}):\d{{12}}:"
+    rf"arn:(?P<partition>aws|aws-cn|aws-us-gov):kms:(?P<region>{REGION}):[0-9]{{12}}:"
     # An alias name is at most 256 characters, "alias/" included.
     rf"(?:key/(?:{KMS_KEY_ID})|alias/[A-Za-z0-9/_-]{{1,250}})"
 )
@@ -188,7 +189,7 @@ def validate(destination: Destination) -> None:
             ValidationError(
                 "Enter the queue URL from the queue's details in the SQS console, "
                 f"for example {EXAMPLE_URL}.",
-                code="required",
+                code="missing",
             )
         )
     else:
