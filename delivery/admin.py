@@ -193,7 +193,7 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
     fields = ()
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Whoever started a job may follow it without rights on jobs in general.
+        # The user who started a job may follow it without rights on jobs in general.
         if obj is not None and obj.created_by_id == request.user.pk:
             return True
         return super().has_view_permission(request, obj)

@@ -99,7 +99,7 @@ def _run_chunk(job_id: int, chunk_size: int) -> bool:
             .first()
         )
         if job is None:
-            # Deleted, or another task holds the row and is doing this job now.
+            # Deleted, or another task has locked the row and is doing this job now.
             logger.info("Bulk job %s is gone or running elsewhere", job_id)
             return False
         if job.finished_at is not None:

@@ -1,9 +1,9 @@
 """The delivery engine: claim due deliveries, send them in batches per destination,
 record every attempt, and decide what happens next.
 
-The database is the only record that counts. A broker message only wakes a worker;
-one that is lost or arrives twice changes nothing but latency, because deliveries are
-claimed from the table with a lease and the periodic sweep re-wakes workers.
+The database is the only record that counts. A broker message only wakes a worker.
+One that is lost or arrives twice changes nothing but latency, because deliveries are
+claimed from the table with a lease and the periodic sweep wakes workers again.
 """
 
 import logging
@@ -355,7 +355,7 @@ def release_expired_leases() -> int:
     """Return deliveries whose worker vanished to pending, and count them.
 
     The worker may have sent the message before it died, so the next attempt can
-    be a duplicate; it carries the same event id (and SQS deduplication id).
+    be a duplicate. A duplicate carries the same event id (and SQS deduplication id).
     """
     now = timezone.now()
     released = 0

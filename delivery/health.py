@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BatchOutcome:
-    """What one batch's results say about the destination itself."""
+    """The part of one batch's results that concerns the destination itself."""
 
     successes: int = 0
     failures: int = 0
@@ -42,7 +42,7 @@ class BatchOutcome:
         if isinstance(result, Sent):
             self.successes += 1
             return
-        # A message the destination can never take (too large) says nothing about
+        # A message the destination can never take (too large) tells nothing about
         # the destination's health.
         if result.permanent and result.blame != Blame.DESTINATION:
             return
@@ -74,7 +74,7 @@ def apply(destination: Destination, outcome: BatchOutcome, now: datetime) -> Non
             last_error=f"{outcome.last_failure.kind}: {outcome.last_failure.message}",
         )
         started = rows.filter(failing_since__isnull=True).update(failing_since=now)
-        # A pause sends its own notice, so the first failure is not told twice.
+        # A pause sends its own notice, so the first failure is not mailed twice.
         if started and outcome.pause_because is None:
             error = f"{outcome.last_failure.kind}: {outcome.last_failure.message}"
             notify(destination, Change.FAILING, f"{error}\n\nThe platform retries.")
@@ -198,8 +198,8 @@ def release_stray_held() -> int:
     """Release held deliveries of destinations that are active, and count them.
 
     A publish that read a destination as paused just before it was enabled can
-    create held deliveries after enable() released the others; without this they
-    would wait forever, and on an ordered destination block their keys.
+    create held deliveries after enable() released the others. Without this they
+    would wait forever, and on an ordered destination they would block their keys.
     """
     now = timezone.now()
     released = Delivery.objects.filter(

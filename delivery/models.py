@@ -57,8 +57,8 @@ class Event(models.Model):
         }
 
     def body(self) -> bytes:
-        """The envelope as UTF-8 JSON: the bytes a partner receives, which are the
-        published bytes when the event came with them."""
+        """Return the envelope as UTF-8 JSON: the bytes a partner receives, which are
+        the published bytes when the event came with them."""
         if self.envelope_json:
             return self.envelope_json.encode()
         text = json.dumps(self.envelope(), separators=(",", ":"), ensure_ascii=False)
@@ -238,7 +238,7 @@ class BulkJobKind(models.TextChoices):
 
 class BulkJob(models.Model):
     """A staff action on many destinations. A worker does it in chunks, so the
-    request that asked for it returns at once; the job's page shows its progress
+    request that started it returns at once. The job's page shows its progress
     and, per destination, its result."""
 
     kind = models.CharField(max_length=16, choices=BulkJobKind.choices)
@@ -267,7 +267,7 @@ class BulkJob(models.Model):
 
 
 class BulkJobItem(models.Model):
-    """What a bulk job did for one destination."""
+    """The outcome of a bulk job for one destination."""
 
     job = models.ForeignKey(BulkJob, on_delete=models.CASCADE, related_name="items")
     # Null when the destination was deleted after it was selected.
@@ -291,8 +291,8 @@ class BulkJobItem(models.Model):
 
 
 class NotificationPreference(models.Model):
-    """Which changes of an application's destinations one app developer is mailed
-    about. The contact addresses of the application are mailed regardless."""
+    """An app developer's choice of destination changes to be mailed about, per
+    application. The application's contact addresses are mailed regardless."""
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,

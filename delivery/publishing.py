@@ -168,8 +168,8 @@ def publish_many(
     """Record events, in the order given, with one delivery per destination.
 
     An event id that is already recorded is skipped, with its deliveries. Enabled
-    destinations get pending deliveries; destinations the engine paused or disabled
-    get held ones, which go out when they are enabled again; destinations that
+    destinations get pending deliveries. Destinations the engine paused or disabled
+    get held ones, which go out when they are enabled again. Destinations that
     staff disabled get none.
     """
     from .tasks import wake_workers

@@ -35,7 +35,7 @@ def with_delivery_figures(
     """Annotate destinations with their latest attempt (last_outcome,
     last_attempt_at), their latest failed one (last_error_at) and their attempts
     of the last 24 hours (attempts_24h, successes_24h). Test events are left out:
-    they say nothing about the destination's live traffic."""
+    they tell nothing about the destination's live traffic."""
     if destinations is None:
         destinations = Destination.objects.all()
     since = (now or timezone.now()) - RECENT

@@ -34,7 +34,7 @@ from .models import (
     Stage,
 )
 
-# Moto's default account id; the queue URLs use the AWS form that validation
+# Moto's default account id. The queue URLs use the AWS form that validation
 # requires, and the stage's SQS endpoint override sends them to the local peer.
 DEMO_ACCOUNT = "123456789012"
 DEMO_REGION = "eu-west-1"

@@ -23,7 +23,7 @@ __all__ = [
 
 
 class EncryptionKeyError(Exception):
-    """ENCRYPTION_KEYS is empty or holds a value that is not a Fernet key."""
+    """ENCRYPTION_KEYS is empty or contains a value that is not a Fernet key."""
 
 
 def parse_keys(values: list[str]) -> list[Fernet]:
@@ -73,7 +73,7 @@ def rotate(token: str) -> str:
 
 
 class EncryptedTextField(models.TextField):
-    """A text column that holds a Fernet token, never the plaintext.
+    """A text column that contains a Fernet token, never the plaintext.
 
     The model keeps the token as loaded: nothing is decrypted until a caller asks with
     `decrypt()`, so listing rows works even when a key is missing. `rotate_secrets`

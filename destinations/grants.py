@@ -1,4 +1,5 @@
-"""What a partner must grant so the platform can send to a destination.
+"""Grant instructions: the rights a partner gives the platform so it can send to a
+destination.
 
 Each stage sends with its own identity (settings.STAGE_IDENTITIES), so the text
 names the identity of the destination's stage and never the other one: a PROD queue
@@ -26,7 +27,7 @@ class Step:
 @dataclass(frozen=True)
 class Grant:
     stage: str
-    # Who receives the right, as the cloud names it.
+    # The principal that receives the right, as the cloud names it.
     identity: str
     steps: list[Step]
     notes: list[str] = field(default_factory=list)

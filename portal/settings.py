@@ -221,7 +221,7 @@ DELIVERY_WAKE_TASKS = env.int("DELIVERY_WAKE_TASKS", default=2)
 # Seconds between sweeps (Celery beat).
 SWEEP_INTERVAL = env.float("SWEEP_INTERVAL", default=5.0)
 # A destination whose every attempt failed for this long, or this many attempts in
-# a row, is disabled and its application's contacts are told.
+# a row, is disabled and its application's contacts are e-mailed.
 AUTO_DISABLE_AFTER_HOURS = env.float("AUTO_DISABLE_AFTER_HOURS", default=24.0)
 AUTO_DISABLE_AFTER_FAILURES = env.int("AUTO_DISABLE_AFTER_FAILURES", default=1000)
 
@@ -249,7 +249,8 @@ CELERY_TASK_ACKS_LATE = True
 # the delivery engine's claims make a second run harmless, so stop it at once.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Celery's Django fixup closes the database connection around every task unless
-# told to reuse it; a new PostgreSQL connection costs milliseconds per wake-up.
+# configured to reuse it, and a new PostgreSQL connection costs milliseconds per
+# wake-up.
 CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -1,7 +1,7 @@
 """An SQS peer: moto's server on a loopback address, in this process or in a child.
 
 moto (github.com/getmoto/moto) serves the SQS API over HTTP. It accepts any non-empty
-credentials unless told to enforce IAM, routes requests by the queue name and the
+credentials unless configured to enforce IAM, routes requests by the queue name and the
 signing region, and keeps every queue in memory until it stops.
 """
 

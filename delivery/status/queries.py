@@ -50,7 +50,7 @@ ACT_PERMISSION = "destinations.change_destination"
 
 
 def staff_may(user: User, permission: str) -> bool:
-    """Whether `user` is staff holding `permission` (superusers hold them all).
+    """Return whether `user` is staff with `permission` (superusers have them all).
 
     Being staff alone grants nothing here, as in the admin: a staff account made
     for one task must not see or act on every application's deliveries.
@@ -71,8 +71,8 @@ def visible_applications(user: User) -> QuerySet[Application]:
 
 
 def may_act(user: User, application: Application) -> bool:
-    """Whether `user` may send test events, retry and replay for `application`:
-    its own developers, and staff allowed to change destinations."""
+    """Return whether `user` may send test events, retry and replay for
+    `application`: its own developers, and staff allowed to change destinations."""
     if staff_may(user, ACT_PERMISSION):
         return True
     return user.is_authenticated and application.developers.filter(pk=user.pk).exists()

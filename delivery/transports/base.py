@@ -1,8 +1,8 @@
 """The interface every destination kind implements.
 
 A transport takes one destination's configuration and a batch of outgoing messages
-and returns one result per message, in the same order. It knows nothing of Celery or
-of the delivery tables: the engine records what it returns.
+and returns one result per message, in the same order. It uses neither Celery nor
+the delivery tables: the engine records what it returns.
 """
 
 from abc import ABC, abstractmethod

@@ -118,8 +118,8 @@ def parse_connection_string(text: str) -> ConnectionString:
 
 
 def is_number(text: str) -> bool:
-    """Whether `text` is ASCII digits only. str.isdigit() alone also accepts
-    digits such as '²' that int() rejects, and other scripts' digits."""
+    """Return whether `text` is ASCII digits only. str.isdigit() alone also
+    accepts digits such as '²' that int() rejects, and other scripts' digits."""
     return text.isascii() and text.isdigit()
 
 

@@ -145,7 +145,7 @@ def _publish(
 def _open(path: Path) -> AbstractContextManager[BinaryIO]:
     """Open the file as bytes, so each line is decoded, and reported, on its own."""
     if str(path) == "-":
-        # Leave stdin open for whoever called the command.
+        # Leave stdin open for the caller of the command.
         return nullcontext(sys.stdin.buffer)
     try:
         return path.open("rb")

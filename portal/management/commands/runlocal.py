@@ -194,7 +194,7 @@ def _check_page(url: str) -> None:
         except OSError as error:
             if time.monotonic() > deadline:
                 raise CommandError(
-                    f"Smoke run: {url} did not answer: {error}"
+                    f"Smoke run: {url} did not respond: {error}"
                 ) from error
         time.sleep(0.5)
 
