@@ -12,11 +12,13 @@ import socket
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from itertools import groupby
+from itertools import groupby, takewhile
+from operator import itemgetter
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db import connection, transaction
+from django.db.models import Exists, F, OuterRef, Q, QuerySet, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from destinations.models import Destination
@@ -77,14 +79,17 @@ def claimable(now: datetime) -> QuerySet[Delivery]:
 def claim(worker: str, limit: int) -> list[Delivery]:
     """Lease up to `limit` due deliveries to `worker` and return them.
 
-    For a destination that keeps order, only the head of each ordering key is due:
-    a delivery waits while one of the same key with an earlier event (by time, then
-    event id) is unfinished. It also waits while any delivery of its key is being
-    sent: an older event that was retried or replayed must not go out alongside a
-    newer one already in flight.
+    For a destination that keeps order, a delivery waits while one of the same
+    ordering key with an earlier event (by time, then event id) is unfinished, so
+    only the head of each key is due. It also waits while any delivery of its key is
+    being sent: an older event that was retried or replayed must not go out
+    alongside a newer one already in flight. A claimed head brings along the pending
+    deliveries right behind it (`_runs_behind`), which go out in the same call, in
+    order.
 
     On PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint
-    rows. SQLite ignores it, but this project opens SQLite transactions with BEGIN
+    heads. Only the worker that locked a key's head claims deliveries behind it.
+    SQLite ignores the clause, but this project opens SQLite transactions with BEGIN
     IMMEDIATE, which serialises claims between processes instead.
     """
     now = timezone.now()
@@ -92,9 +97,11 @@ def claim(worker: str, limit: int) -> list[Delivery]:
 
     with transaction.atomic():
         locked = due.select_for_update(skip_locked=True, of=("self",))
-        ids = list(locked.values_list("pk", flat=True)[:limit])
-        if not ids:
+        heads = list(locked.values_list("pk", "destination_id", "ordering_key")[:limit])
+        if not heads:
             return []
+        ids = [pk for pk, _, _ in heads]
+        ids += _runs_behind(heads, now, limit - len(heads))
         Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.SENDING,
             lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
@@ -108,6 +115,139 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     return list(
         claimed.select_related("event", "destination", "destination__application")
     )
+
+
+Head = tuple[int, int, str]
+
+
+def _runs_behind(heads: list[Head], now: datetime, room: int) -> list[int]:
+    """Return up to `room` ids of deliveries that may go out right behind the
+    claimed `heads` (id, destination id, ordering key), and lock them.
+
+    Behind each head of an ordering key, the run is the deliveries of its key that
+    follow it without a gap: each pending and due, at most DELIVERY_RUN_SIZE with the
+    head. The first that is not (held, waiting for a retry, being sent) ends the run.
+    When `room` is short, every run gets its second delivery before any gets its
+    third, and so on, so each run stays a prefix of its key's line.
+
+    The caller holds the heads' row locks. Nothing else claims a delivery behind a
+    locked head, so waiting for these rows' locks cannot take them from another
+    worker; it only waits for a staff action on them to commit.
+    """
+    size = settings.DELIVERY_RUN_SIZE
+    keyed = [head for head in heads if head[2]]
+    if room <= 0 or size <= 1 or not keyed:
+        return []
+
+    runs = []
+    for line in _lines(keyed, size):
+        run = []
+        for pk, status, due_at in line:
+            if status != DeliveryStatus.PENDING or due_at is None or due_at > now:
+                break
+            run.append(pk)
+        runs.append(run)
+
+    candidates = [pk for run in runs for pk in run]
+    unchanged = set(
+        Delivery.objects.filter(
+            pk__in=candidates,
+            status=DeliveryStatus.PENDING,
+            next_attempt_at__lte=now,
+        )
+        .select_for_update()
+        .values_list("pk", flat=True)
+    )
+    runs = [list(takewhile(unchanged.__contains__, run)) for run in runs]
+
+    chosen: list[int] = []
+    for position in range(size - 1):
+        for run in runs:
+            if position < len(run):
+                if len(chosen) == room:
+                    return chosen
+                chosen.append(run[position])
+    return chosen
+
+
+LineEntry = tuple[int, str, datetime | None]
+
+# One index scan of delivery_unfinished_by_key per key, stopping after the run's
+# size, however long the key's backlog is.
+_LINES_SQL = """
+    SELECT h.head, d.id, d.status, d.next_attempt_at
+    FROM unnest(%s::bigint[], %s::bigint[], %s::text[])
+        AS h(head, destination_id, ordering_key)
+    CROSS JOIN LATERAL (
+        SELECT id, status, next_attempt_at, event_time, event_id
+        FROM delivery_delivery
+        WHERE destination_id = h.destination_id
+            AND ordering_key = h.ordering_key
+            AND status = ANY(%s::text[])
+        ORDER BY event_time, event_id
+        LIMIT %s
+    ) AS d
+    ORDER BY h.head, d.event_time, d.event_id
+"""
+
+
+def _lines(heads: list[Head], size: int) -> list[list[LineEntry]]:
+    """Return, per head, the (id, status, next attempt) of the unfinished deliveries
+    behind it in its key's line, at most `size` - 1, in event order.
+
+    A line whose first delivery is no longer the head (an earlier event arrived
+    after the claim's query) is returned empty: nothing goes out behind that head.
+    """
+    unfinished = [str(status) for status in UNFINISHED]
+    rows: dict[int, list[tuple[int, str, datetime | None]]] = {}
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _LINES_SQL,
+                [
+                    [pk for pk, _, _ in heads],
+                    [destination for _, destination, _ in heads],
+                    [key for _, _, key in heads],
+                    unfinished,
+                    size,
+                ],
+            )
+            for head, pk, status, due_at in cursor.fetchall():
+                rows.setdefault(head, []).append((pk, status, due_at))
+    else:
+        by_key = {(destination, key): pk for pk, destination, key in heads}
+        position = Window(
+            RowNumber(),
+            partition_by=[F("destination_id"), F("ordering_key")],
+            order_by=[F("event_time").asc(), F("event_id").asc()],
+        )
+        found = (
+            Delivery.objects.filter(
+                status__in=unfinished,
+                destination_id__in={destination for _, destination, _ in heads},
+                ordering_key__in={key for _, _, key in heads},
+            )
+            .annotate(position=position)
+            .filter(position__lte=size)
+            .values_list(
+                "destination_id",
+                "ordering_key",
+                "pk",
+                "status",
+                "next_attempt_at",
+                "position",
+            )
+        )
+        for destination, key, pk, status, due_at, _ in sorted(found, key=itemgetter(5)):
+            head = by_key.get((destination, key))
+            if head is not None:
+                rows.setdefault(head, []).append((pk, status, due_at))
+
+    lines = []
+    for pk, _, _ in heads:
+        line = rows.get(pk, [])
+        lines.append(line[1:] if line and line[0][0] == pk else [])
+    return lines
 
 
 def deliver(delivery_id: int, worker: str | None = None) -> bool:
@@ -139,10 +279,16 @@ def deliver(delivery_id: int, worker: str | None = None) -> bool:
 def run_once(worker: str, limit: int | None = None) -> int:
     """Claim one batch of due deliveries, send it, and return how many were sent."""
     deliveries = claim(worker, limit or settings.DELIVERY_CLAIM_SIZE)
-    deliveries.sort(key=lambda delivery: (delivery.destination_id, delivery.pk))
+    # In event order within each destination: the order each ordering key's run
+    # must go out in.
+    deliveries.sort(key=_send_order)
     for _, group in groupby(deliveries, key=lambda delivery: delivery.destination_id):
         send_batch(worker, list(group))
     return len(deliveries)
+
+
+def _send_order(delivery: Delivery) -> tuple[int, datetime, str]:
+    return (delivery.destination_id, delivery.event_time, delivery.event_id)
 
 
 def drain(worker: str, budget_seconds: float) -> bool:
@@ -243,10 +389,17 @@ def record(
     now = timezone.now()
     attempts = []
     delivered: list[int] = []
+    waiting: list[int] = []
     outcome_of_destination = health.BatchOutcome()
+    held_back = _held_back(destination, deliveries, results)
 
     with transaction.atomic():
-        for delivery, result in zip(deliveries, results, strict=True):
+        for index, (delivery, result) in enumerate(
+            zip(deliveries, results, strict=True)
+        ):
+            if index in held_back:
+                waiting.append(delivery.pk)
+                continue
             attempts.append(_attempt(delivery, result, started_at, duration_ms))
             if not delivery.is_test:
                 outcome_of_destination.add(result)
@@ -268,6 +421,15 @@ def record(
             claimed_by="",
             updated_at=now,
         )
+        # Not sent, so no attempt: each waits behind its key's failed delivery,
+        # whose retry schedule decides when the key moves again.
+        _claimed_by(worker, waiting).update(
+            status=DeliveryStatus.PENDING,
+            next_attempt_at=now,
+            lease_expires_at=None,
+            claimed_by="",
+            updated_at=now,
+        )
         Attempt.objects.bulk_create(attempts)
         if outcome_of_destination:
             health.apply(destination, outcome_of_destination, now)
@@ -279,6 +441,42 @@ def record(
             destination.pk,
             duration_ms,
         )
+
+
+def _held_back(
+    destination: Destination,
+    deliveries: Sequence[Delivery],
+    results: Sequence[Result],
+) -> set[int]:
+    """Return the positions in a call of the deliveries that were not sent because
+    an earlier delivery of their ordering key failed in the same call.
+
+    Every transport stops sending a key at its first failure that is not the
+    message's own (too large). It reports the messages after it with that failure
+    or a paused-key error, but they were never attempted.
+    """
+    if not destination.is_ordered:
+        return set()
+    stopped: set[str] = set()
+    held_back = set()
+    for index, (delivery, result) in enumerate(zip(deliveries, results, strict=True)):
+        key = delivery.ordering_key
+        if not key:
+            continue
+        if key not in stopped:
+            if isinstance(result, Failure) and result.blame != Blame.MESSAGE:
+                stopped.add(key)
+        elif isinstance(result, Failure):
+            held_back.add(index)
+        else:
+            logger.error(
+                "Event %s went out to destination %s after an earlier event of its "
+                "ordering key %r failed in the same call, so it arrived out of order",
+                delivery.event_id,
+                destination.pk,
+                key,
+            )
+    return held_back
 
 
 def _claimed_by(worker: str, delivery_ids: list[int]) -> QuerySet[Delivery]:

@@ -60,6 +60,9 @@ class Script:
         self.delay_seconds = 0.0
         # Raised by send() instead of returning results, as a transport bug would.
         self.error: Exception | None = None
+        # Sends every message of a key after its first failure, as a transport that
+        # broke its contract would.
+        self.ignores_order = False
         self._results: dict[str, deque[Result]] = defaultdict(deque)
 
     def then(self, event_id: str, *results: Result) -> None:
@@ -75,7 +78,8 @@ class Script:
 
     @property
     def sent(self) -> list[str]:
-        """Every event id given to the transport, in order, failed sends included."""
+        """Every event id the transport tried to send, in order, failed sends
+        included; not those it held back after an earlier failure of their key."""
         return [message.event_id for batch in self.batches for message in batch]
 
     def sent_with_key(self, key: str) -> list[str]:
@@ -93,12 +97,30 @@ def install_transport(monkeypatch: pytest.MonkeyPatch, kind: str = Kind.SQS) -> 
 
     class RecordingTransport(Transport):
         def send(self, messages: Sequence[OutgoingMessage]) -> list[Result]:
-            script.batches.append(list(messages))
             if script.delay_seconds:
                 time.sleep(script.delay_seconds)
             if script.error is not None:
+                script.batches.append(list(messages))
                 raise script.error
-            return [script.result_for(message) for message in messages]
+            # As every transport does on an ordered destination: after a key's
+            # first failure that is not the message's own, its later messages get
+            # that failure and are not sent.
+            ordered = self.destination.is_ordered and not script.ignores_order
+            attempted: list[OutgoingMessage] = []
+            stopped: dict[str, Failure] = {}
+            results: list[Result] = []
+            for message in messages:
+                failure = stopped.get(message.object_key) if ordered else None
+                if failure is not None:
+                    results.append(failure)
+                    continue
+                attempted.append(message)
+                result = script.result_for(message)
+                if isinstance(result, Failure) and result.blame != Blame.MESSAGE:
+                    stopped[message.object_key] = result
+                results.append(result)
+            script.batches.append(attempted)
+            return results
 
     RecordingTransport.kind = kind
     monkeypatch.setitem(TRANSPORTS, kind, RecordingTransport)

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.django_db
 
 KEY_A = "4102/st-1/order/a"
 KEY_B = "4102/st-1/order/b"
+KEY_C = "4102/st-1/order/c"
 TIMED_OUT = Failure(
     kind="timeout", message="The queue did not answer in 5 s.", permanent=False
 )
@@ -120,16 +121,17 @@ def test_destination_failure_pauses_destination(
 def test_paused_destination_claims_nothing_more(
     fifo: Destination, transport: Script
 ) -> None:
-    deliveries = queue_events(
-        fifo, [("a1", KEY_A, 1), ("b1", KEY_B, 2), ("b2", KEY_B, 3)]
-    )
+    queue_events(fifo, [("a1", KEY_A, 1), ("b1", KEY_B, 2)])
     transport.then("a1", ACCESS_DENIED)
+    run_until_idle()
+    later = queue_events(fifo, [("b2", KEY_B, 3), ("c1", KEY_C, 4)])
 
     run_until_idle()
 
     assert transport.sent == ["a1", "b1"]
     assert engine.claim("worker-1", limit=10) == []
-    assert status_of(deliveries["b2"]) == DeliveryStatus.PENDING
+    assert status_of(later["b2"]) == DeliveryStatus.PENDING
+    assert status_of(later["c1"]) == DeliveryStatus.PENDING
 
 
 def test_pause_leaves_other_destinations_sending(

@@ -338,13 +338,12 @@ class ServiceBusTransport(Transport):
     def _runs(self, prepared: list[_Prepared]) -> Iterator[list[_Prepared]]:
         """Split `prepared`, kept in order, into runs that may share a batch.
 
-        With sessions or partitioning, a batch contains one session id and partition
-        key only, because a partitioned entity rejects a batch that mixes them.
+        A partitioned entity rejects a batch whose messages differ in partition key
+        or session id, so with partitioning a run holds one key. Without it, one
+        batch may mix sessions: Service Bus accepts or rejects a batch as a whole,
+        so no message of a session can get ahead of an earlier one that failed.
         """
-        by_key = (
-            self.destination.servicebus_sessions
-            or self.destination.servicebus_partitioning
-        )
+        by_key = self.destination.servicebus_partitioning
         run: list[_Prepared] = []
         for item in prepared:
             if run and by_key and item.key != run[0].key:

@@ -57,6 +57,10 @@ MAX_MESSAGE_SIZE_CACHE_SECONDS = 600.0
 # under that older cap, so they fit wherever the raise has not reached.
 MAX_BATCH_ENTRIES = 10
 MAX_BATCH_BYTES = 262_144
+
+# A message of a send: its position in the call, its SendMessage entry, its size.
+Entry = tuple[int, dict[str, Any], int]
+
 # The retries botocore makes itself, the first call included; the delivery engine
 # owns every retry after that.
 TOTAL_MAX_ATTEMPTS = 2
@@ -262,7 +266,7 @@ class SqsTransport(Transport):
         except ProfileNotFound as error:
             return [errors.platform_settings(error)] * len(messages)
 
-        entries: list[tuple[int, dict[str, Any], int]] = []
+        entries: list[Entry] = []
         for index, message in enumerate(messages):
             entry_or_failure = self._entry(message, errors)
             if isinstance(entry_or_failure, Failure):
@@ -279,13 +283,15 @@ class SqsTransport(Transport):
                     results[index] = errors.too_large(size, limit)
             entries = [item for item in entries if item[2] <= limit.size]
 
-        for batch in _batches(entries):
-            indexes = [index for index, _, _ in batch]
-            batch_entries = [entry for _, entry, _ in batch]
-            for index, result in zip(
-                indexes, self._send_batch(client, batch_entries, errors), strict=True
-            ):
-                results[index] = result
+        if self.destination.sqs_fifo:
+            by_group = _OnePerGroup(entries)
+            for batch in by_group:
+                by_group.after(batch, self._send_into(client, batch, errors, results))
+            for index, failure in by_group.not_sent.items():
+                results[index] = failure
+        else:
+            for batch in _batches(entries):
+                self._send_into(client, batch, errors, results)
 
         return [
             errors.missing_batch_result() if result is None else result
@@ -365,6 +371,22 @@ class SqsTransport(Transport):
         limit = _SizeLimit(size=size, assumed=assumed, expires=expires)
         _size_limits[key] = limit
         return limit
+
+    def _send_into(
+        self,
+        client: Any,
+        batch: list[Entry],
+        errors: "_Errors",
+        results: list[Result | None],
+    ) -> list[Result]:
+        """Send `batch` in one call, store its results by message index in
+        `results`, and return them in the batch's order."""
+        batch_results = self._send_batch(
+            client, [entry for _, entry, _ in batch], errors
+        )
+        for (index, _, _), result in zip(batch, batch_results, strict=True):
+            results[index] = result
+        return batch_results
 
     def _send_batch(
         self, client: Any, entries: list[dict[str, Any]], errors: "_Errors"
@@ -456,11 +478,9 @@ class SqsTransport(Transport):
         return check.result()
 
 
-def _batches(
-    entries: list[tuple[int, dict[str, Any], int]],
-) -> Iterator[list[tuple[int, dict[str, Any], int]]]:
+def _batches(entries: list[Entry]) -> Iterator[list[Entry]]:
     """Split `entries`, kept in order, into SendMessageBatch-sized groups."""
-    batch: list[tuple[int, dict[str, Any], int]] = []
+    batch: list[Entry] = []
     total = 0
     for item in entries:
         size = item[2]
@@ -472,6 +492,58 @@ def _batches(
         total += size
     if batch:
         yield batch
+
+
+class _OnePerGroup:
+    """Splits a FIFO queue's entries into SendMessageBatch calls that each carry at
+    most one entry per message group, the group's earliest unsent one.
+
+    SendMessageBatch reports each entry on its own, so two entries of a group in one
+    call could see the later one accepted after the earlier one failed. After each
+    call, `after` takes its results: a failure that is not the message's own (an
+    outage, access denied) ends the group for this send, and its remaining entries
+    go into `not_sent` with that failure.
+    """
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.remaining = list(entries)
+        self.stopped: dict[str, Failure] = {}
+        self.not_sent: dict[int, Failure] = {}
+
+    def __iter__(self) -> Iterator[list[Entry]]:
+        while self.remaining:
+            batch: list[Entry] = []
+            later: list[Entry] = []
+            groups: set[str] = set()
+            total = 0
+            for item in self.remaining:
+                group = item[1]["MessageGroupId"]
+                full = (
+                    len(batch) == MAX_BATCH_ENTRIES or total + item[2] > MAX_BATCH_BYTES
+                )
+                if group in groups or (batch and full):
+                    # Everything after this entry in its group waits too.
+                    groups.add(group)
+                    later.append(item)
+                    continue
+                groups.add(group)
+                batch.append(item)
+                total += item[2]
+            self.remaining = later
+            yield batch
+
+    def after(self, batch: list[Entry], results: list[Result]) -> None:
+        for (_, entry, _), result in zip(batch, results, strict=True):
+            if isinstance(result, Failure) and result.blame != Blame.MESSAGE:
+                self.stopped[entry["MessageGroupId"]] = result
+        kept = []
+        for item in self.remaining:
+            failure = self.stopped.get(item[1]["MessageGroupId"])
+            if failure is None:
+                kept.append(item)
+            else:
+                self.not_sent[item[0]] = failure
+        self.remaining = kept
 
 
 class _Errors:
