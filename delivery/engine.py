@@ -491,7 +491,13 @@ def _claimed_by(worker: str, delivery_ids: list[int]) -> QuerySet[Delivery]:
 def _attempt(
     delivery: Delivery, result: Result, started_at: datetime, duration_ms: int
 ) -> Attempt:
-    attempt = Attempt(delivery=delivery, started_at=started_at, duration_ms=duration_ms)
+    attempt = Attempt(
+        delivery_id=delivery.pk,
+        destination_id=delivery.destination_id,
+        is_test=delivery.is_test,
+        started_at=started_at,
+        duration_ms=duration_ms,
+    )
     if isinstance(result, Sent):
         attempt.outcome = Outcome.SUCCESS
         attempt.remote_message_id = result.remote_message_id
