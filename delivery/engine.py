@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from itertools import groupby, takewhile
 from operator import itemgetter
@@ -83,9 +83,10 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     ordering key with an earlier event (by time, then event id) is unfinished, so
     only the head of each key is due. It also waits while any delivery of its key is
     being sent: an older event that was retried or replayed must not go out
-    alongside a newer one already in flight. A claimed head brings along the pending
-    deliveries right behind it (`_runs_behind`), which go out in the same call, in
-    order.
+    alongside a newer one already in flight. A claimed head brings along the run of
+    pending deliveries right behind it (`_with_runs`), which go out in the same
+    call, in order. Keys are taken whole, oldest due head first, so that a claim
+    that fills up leaves other keys to another worker.
 
     On PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint
     heads. Only the worker that locked a key's head claims deliveries behind it.
@@ -100,8 +101,7 @@ def claim(worker: str, limit: int) -> list[Delivery]:
         heads = list(locked.values_list("pk", "destination_id", "ordering_key")[:limit])
         if not heads:
             return []
-        ids = [pk for pk, _, _ in heads]
-        ids += _runs_behind(heads, now, limit - len(heads))
+        ids = _with_runs(heads, now, limit)
         Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.SENDING,
             lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
@@ -109,65 +109,75 @@ def claim(worker: str, limit: int) -> list[Delivery]:
             updated_at=now,
         )
 
-    claimed = Delivery.objects.filter(
-        pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+    claimed = list(
+        Delivery.objects.filter(
+            pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+        )
+        .select_related("event")
+        # The body is the stored envelope text; parsing each event's data as well
+        # would be wasted work.
+        .defer("event__data")
     )
-    return list(
-        claimed.select_related("event", "destination", "destination__application")
+    # Most of a claim shares a destination or a few: one object each, read once,
+    # instead of a joined copy per delivery.
+    destinations = Destination.objects.select_related("application").in_bulk(
+        {delivery.destination_id for delivery in claimed}
     )
+    for delivery in claimed:
+        delivery.destination = destinations[delivery.destination_id]
+    return claimed
 
 
 Head = tuple[int, int, str]
 
 
-def _runs_behind(heads: list[Head], now: datetime, room: int) -> list[int]:
-    """Return up to `room` ids of deliveries that may go out right behind the
-    claimed `heads` (id, destination id, ordering key), and lock them.
+def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
+    """Return the ids to claim: each of the locked `heads` (id, destination id,
+    ordering key) with the run behind it, in head order, at most `limit` in all.
 
-    Behind each head of an ordering key, the run is the deliveries of its key that
-    follow it without a gap: each pending and due, at most DELIVERY_RUN_SIZE with the
-    head. The first that is not (held, waiting for a retry, being sent) ends the run.
-    When `room` is short, every run gets its second delivery before any gets its
-    third, and so on, so each run stays a prefix of its key's line.
+    The run behind a head of an ordering key is the deliveries of its key that
+    follow it without a gap: each pending and due, at most DELIVERY_RUN_SIZE with
+    the head. The first that is not (held, waiting for a retry, being sent) ends
+    it. A run cut short by `limit` stays a prefix of its key's line.
 
     The caller holds the heads' row locks. Nothing else claims a delivery behind a
-    locked head, so waiting for these rows' locks cannot take them from another
+    locked head, so waiting for the runs' row locks cannot take them from another
     worker; it only waits for a staff action on them to commit.
     """
     size = settings.DELIVERY_RUN_SIZE
     keyed = [head for head in heads if head[2]]
-    if room <= 0 or size <= 1 or not keyed:
-        return []
+    lines = dict(zip(keyed, _lines(keyed, size), strict=True)) if size > 1 else {}
 
-    runs = []
-    for line in _lines(keyed, size):
-        run = []
-        for pk, status, due_at in line:
+    runs: list[list[int]] = []
+    taken = 0
+    for head in heads:
+        if taken >= limit:
+            break
+        run = [head[0]]
+        for pk, status, due_at in lines.get(head, []):
+            if len(run) + taken >= limit:
+                break
             if status != DeliveryStatus.PENDING or due_at is None or due_at > now:
                 break
             run.append(pk)
         runs.append(run)
+        taken += len(run)
 
-    candidates = [pk for run in runs for pk in run]
+    behind = [pk for run in runs for pk in run[1:]]
+    if not behind:
+        return [run[0] for run in runs]
     unchanged = set(
         Delivery.objects.filter(
-            pk__in=candidates,
-            status=DeliveryStatus.PENDING,
-            next_attempt_at__lte=now,
+            pk__in=behind, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
         )
         .select_for_update()
         .values_list("pk", flat=True)
     )
-    runs = [list(takewhile(unchanged.__contains__, run)) for run in runs]
-
-    chosen: list[int] = []
-    for position in range(size - 1):
-        for run in runs:
-            if position < len(run):
-                if len(chosen) == room:
-                    return chosen
-                chosen.append(run[position])
-    return chosen
+    return [
+        pk
+        for run in runs
+        for pk in [run[0], *takewhile(unchanged.__contains__, run[1:])]
+    ]
 
 
 LineEntry = tuple[int, str, datetime | None]
@@ -291,16 +301,27 @@ def _send_order(delivery: Delivery) -> tuple[int, datetime, str]:
     return (delivery.destination_id, delivery.event_time, delivery.event_id)
 
 
-def drain(worker: str, budget_seconds: float) -> bool:
+def drain(
+    worker: str,
+    budget_seconds: float,
+    on_backlog: Callable[[], object] | None = None,
+) -> bool:
     """Send due deliveries until none is left or the budget is spent.
+
+    The first round that claims a full DELIVERY_CLAIM_SIZE calls `on_backlog`
+    once, so the caller can wake another worker to claim the keys this one left.
 
     Return True when work may be left, so the caller can queue another round and
     let other tasks of this worker run in between.
     """
     deadline = time.monotonic() + budget_seconds
     while time.monotonic() < deadline:
-        if run_once(worker) == 0:
+        sent = run_once(worker)
+        if sent == 0:
             return False
+        if on_backlog is not None and sent >= settings.DELIVERY_CLAIM_SIZE:
+            on_backlog()
+            on_backlog = None
     return True
 
 

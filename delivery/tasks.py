@@ -5,6 +5,7 @@ running one twice is harmless, because deliveries are claimed from the database.
 """
 
 import logging
+from functools import partial
 
 from celery import shared_task
 from django.conf import settings
@@ -17,7 +18,12 @@ logger = logging.getLogger(__name__)
 @shared_task(acks_late=True, ignore_result=True)
 def send_due() -> None:
     """Send due deliveries until none is left or this round's budget is spent."""
-    if engine.drain(engine.worker_name(), settings.DELIVERY_DRAIN_SECONDS):
+    # A full claim means a backlog: another worker can take the keys this one left.
+    if engine.drain(
+        engine.worker_name(),
+        settings.DELIVERY_DRAIN_SECONDS,
+        on_backlog=partial(wake_workers, 1),
+    ):
         # Queue the next round instead of looping here, so one busy destination
         # cannot hold this worker process forever.
         send_due.delay()

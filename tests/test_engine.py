@@ -215,10 +215,8 @@ def test_run_ends_before_a_delivery_that_cannot_go(
     assert claimed_ids(claimed) == ["a1"]
 
 
-def test_short_room_gives_every_run_its_next_delivery_first(
-    fifo: Destination,
-) -> None:
-    queue_events(
+def test_full_claim_takes_whole_runs_of_the_oldest_keys(fifo: Destination) -> None:
+    deliveries = queue_events(
         fifo,
         [
             ("a1", KEY_A, 1),
@@ -226,13 +224,19 @@ def test_short_room_gives_every_run_its_next_delivery_first(
             ("a3", KEY_A, 3),
             ("b1", KEY_B, 4),
             ("b2", KEY_B, 5),
-            ("b3", KEY_B, 6),
+            ("c1", KEY_C, 6),
         ],
     )
+    set_status(deliveries["b1"], DeliveryStatus.PENDING, next_attempt_at=BASE_TIME)
 
-    claimed = engine.claim("worker-1", limit=4)
+    first = engine.claim("worker-1", limit=4)
+    second = engine.claim("worker-2", limit=4)
 
-    assert claimed_ids(claimed) == ["a1", "a2", "b1", "b2"]
+    # b1 has waited longest, so its key goes first; a's run is cut to fit.
+    assert claimed_ids(first) == ["a1", "a2", "b1", "b2"]
+    # The other worker takes the keys the first one left: c, but not a, whose
+    # head is being sent.
+    assert claimed_ids(second) == ["c1"]
 
 
 def test_no_run_behind_a_delivery_that_is_not_the_head(fifo: Destination) -> None:
@@ -244,9 +248,9 @@ def test_no_run_behind_a_delivery_that_is_not_the_head(fifo: Destination) -> Non
     head = (not_head.pk, fifo.pk, KEY_A)
 
     with transaction.atomic():
-        behind = engine._runs_behind([head], timezone.now(), room=10)
+        ids = engine._with_runs([head], timezone.now(), limit=10)
 
-    assert behind == []
+    assert ids == [not_head.pk]
 
 
 def test_ordered_keys_flow_independently(fifo: Destination, transport: Script) -> None:
@@ -415,6 +419,21 @@ def test_same_time_events_go_by_id(fifo: Destination, transport: Script) -> None
     run_until_idle()
 
     assert transport.sent_with_key(KEY_A) == ["a-1", "a-2", "a-3"]
+
+
+@pytest.mark.parametrize(("events", "calls"), [(5, 1), (2, 1), (1, 0)])
+def test_full_claim_asks_for_another_worker_once(
+    standard: Destination, transport: Script, settings: Any, events: int, calls: int
+) -> None:
+    settings.DELIVERY_CLAIM_SIZE = 2
+    queue_events(standard, [(f"e{n}", f"order-{n}", n) for n in range(events)])
+    woken: list[int] = []
+
+    more = engine.drain("worker-1", 60.0, on_backlog=lambda: woken.append(1))
+
+    assert more is False
+    assert len(woken) == calls
+    assert len(transport.sent) == events
 
 
 def test_unordered_claims_all_due_at_once(standard: Destination) -> None:
