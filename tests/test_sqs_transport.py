@@ -42,8 +42,11 @@ from delivery.transports import (
     Sent,
     Transport,
 )
+from delivery.transports import sqs as sqs_module
 from delivery.transports.sqs import (
+    Entry,
     SqsTransport,
+    _OnePerGroup,
     classify_error,
     fifo_id,
     message_size,
@@ -389,6 +392,84 @@ def test_fifo_batch_fails_only_bad_message(
     assert isinstance(results[2], Sent)
     received = queue.receive()
     assert len(received) == 3
+
+
+def test_fifo_calls_carry_one_entry_per_group(
+    sqs_endpoint: Any, make_sqs_queue: MakeQueue, application: Application
+) -> None:
+    queue = make_sqs_queue(fifo=True)
+    destination = sqs_destination(application, queue)
+    keys = ["order-a", "order-a", "order-b", "order-a", "order-b", "order-c"]
+    messages = [
+        outgoing(f"evt-{n}", key, json.dumps({"n": n}).encode())
+        for n, key in enumerate(keys)
+    ]
+    client = sqs_module._client(
+        sqs_module._Identity.for_stage(destination.stage), queue_region(destination)
+    )
+    calls: list[list[str]] = []
+
+    def record_call(params: dict[str, Any], **_: Any) -> None:
+        calls.append([entry["MessageGroupId"] for entry in params["Entries"]])
+
+    client.meta.events.register(
+        "provide-client-params.sqs.SendMessageBatch", record_call
+    )
+    try:
+        results = SqsTransport(destination).send(messages)
+    finally:
+        client.meta.events.unregister(
+            "provide-client-params.sqs.SendMessageBatch", record_call
+        )
+
+    assert all(isinstance(result, Sent) for result in results)
+    assert calls == [
+        ["order-a", "order-b", "order-c"],
+        ["order-a", "order-b"],
+    ]
+    received = []
+    while batch := queue.receive():
+        received += [
+            (item["Attributes"]["MessageGroupId"], item["Body"]) for item in batch
+        ]
+    for key in ("order-a", "order-b"):
+        bodies = [json.loads(body)["n"] for group, body in received if group == key]
+        assert bodies == [n for n, k in enumerate(keys) if k == key]
+
+
+def entry(index: int, group: str) -> Entry:
+    return (index, {"MessageGroupId": group, "MessageBody": "{}"}, 100)
+
+
+def test_group_stops_at_its_first_failure_that_is_not_its_own() -> None:
+    entries = [entry(0, "a"), entry(1, "b"), entry(2, "a"), entry(3, "b")]
+    outage = Failure(kind="connection_failed", message="down", permanent=False)
+    too_large = Failure(
+        kind="too_large", message="big", permanent=True, blame=Blame.MESSAGE
+    )
+    by_group = _OnePerGroup(entries)
+    sent_calls = []
+
+    for batch in by_group:
+        sent_calls.append([index for index, _, _ in batch])
+        results: list[Result] = [
+            {0: outage, 1: too_large}.get(index, Sent("m")) for index, _, _ in batch
+        ]
+        by_group.after(batch, results)
+
+    # Group a failed for a reason that is not the message's own: entry 2 is not
+    # sent. Group b's first entry was too large, which stops nothing.
+    assert sent_calls == [[0, 1], [3]]
+    assert by_group.not_sent == {2: outage}
+
+
+def test_full_call_defers_the_rest_of_each_group() -> None:
+    groups = [f"g{n}" for n in range(11)] + ["g0"]
+    by_group = _OnePerGroup([entry(n, group) for n, group in enumerate(groups)])
+
+    calls = [[index for index, _, _ in batch] for batch in by_group]
+
+    assert calls == [list(range(10)), [10, 11]]
 
 
 def test_noncharacter_sent_as_json_escape(
