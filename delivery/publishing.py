@@ -8,13 +8,15 @@ and workers are woken only after commit.
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Model
+from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -212,18 +214,13 @@ def publish_many(
         fresh = [envelope for envelope in unique.values() if envelope.id not in known]
         result.duplicates += len(known) - len(result.conflicts)
         result.recorded = len(fresh)
-        # ignore_conflicts: an event recorded meanwhile by a concurrent publisher is
-        # skipped here, and so are its deliveries, by their unique constraint.
-        Event.objects.bulk_create(
-            [_event(application, stage, envelope) for envelope in fresh],
-            ignore_conflicts=True,
-        )
+        events = [_event(application, stage, envelope) for envelope in fresh]
         deliveries = [
             _delivery(envelope, destination)
             for envelope in fresh
             for destination in destinations
         ]
-        Delivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+        _insert(events, deliveries)
         result.deliveries = len(deliveries)
         result.held = sum(
             delivery.status == DeliveryStatus.HELD for delivery in deliveries
@@ -231,6 +228,57 @@ def publish_many(
         if deliveries:
             transaction.on_commit(partial(wake_workers, len(deliveries)))
     return result
+
+
+def _insert(events: list[Event], deliveries: list[Delivery]) -> None:
+    """Insert new events and their deliveries.
+
+    On PostgreSQL, COPY takes the rows in a fraction of the time an INSERT of many
+    rows needs. It fails whole on a duplicate key, which only a concurrent publisher
+    of the same event id can cause, since known ids were left out; then the rows go
+    in again with INSERT ... ON CONFLICT DO NOTHING, which skips the events the
+    other publisher recorded, and their deliveries by their unique constraint.
+    """
+    if connection.vendor == "postgresql":
+        try:
+            with transaction.atomic():
+                copy_rows(events)
+                copy_rows(deliveries)
+            return
+        except IntegrityError:
+            logger.info("An event was recorded meanwhile; inserting without COPY")
+    Event.objects.bulk_create(events, ignore_conflicts=True)
+    Delivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+
+
+def copy_rows(objects: Sequence[Model]) -> None:
+    """Insert unsaved `objects` of one model with PostgreSQL's COPY, as save()
+    would store them; an auto-increment primary key is left to the database."""
+    if not objects:
+        return
+    meta = type(objects[0])._meta
+    fields = [
+        field
+        for field in meta.concrete_fields
+        if not (field.primary_key and isinstance(field, AutoFieldMixin))
+    ]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(str(field.column)) for field in fields)
+    statement = f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN"
+    # COPY bypasses Django's cursor wrapper, which turns driver errors into
+    # Django's (IntegrityError and the rest).
+    with (
+        connection.wrap_database_errors,
+        connection.cursor() as cursor,
+        cursor.copy(statement) as copy,
+    ):
+        for obj in objects:
+            copy.write_row(
+                [
+                    field.get_db_prep_save(field.pre_save(obj, True), connection)
+                    for field in fields
+                ]
+            )
 
 
 def _event(application: Application, stage: str, envelope: Envelope) -> Event:

@@ -17,6 +17,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.utils import timezone
 
+from delivery import publishing
 from delivery.models import Delivery, DeliveryStatus, Event
 from delivery.publishing import InvalidEvent, parse_envelope, publish, publish_many
 from destinations.models import Application, Destination, Stage
@@ -229,6 +230,32 @@ def test_publish_skips_recorded_id(application: Application) -> None:
     assert result.duplicates == 1
     assert result.deliveries == 0
     assert Delivery.objects.count() == 1
+
+
+def test_event_recorded_meanwhile_is_skipped_with_its_deliveries(
+    application: Application,
+) -> None:
+    destination = make_destination(application)
+    first = parse_envelope(json.dumps(envelope()))
+    second = parse_envelope(json.dumps(envelope(id="01jndgay2hjz1mv1tjv14z4gpr")))
+    # Another publisher records the first event after this one checked for it.
+    publish_many(application, Stage.PROD, [first])
+    events = [
+        publishing._event(application, Stage.PROD, item) for item in (first, second)
+    ]
+    deliveries = [publishing._delivery(item, destination) for item in (first, second)]
+
+    publishing._insert(events, deliveries)
+
+    assert sorted(Event.objects.values_list("id", flat=True)) == [first.id, second.id]
+    assert Delivery.objects.filter(event_id=first.id).count() == 1
+    stored = Event.objects.get(pk=second.id)
+    assert stored.data == ACCEPT_DATA
+    assert stored.body() == second.raw.encode()
+    assert stored.recorded_at is not None
+    delivery = Delivery.objects.get(event_id=second.id)
+    assert delivery.status == DeliveryStatus.PENDING
+    assert delivery.ordering_key == second.object_key
 
 
 def test_publish_many_skips_repeated_id(application: Application) -> None:
