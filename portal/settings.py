@@ -205,6 +205,10 @@ SQS_TIMEOUT = env.float("SQS_TIMEOUT", default=10.0)
 # Seconds to wait for one Pub/Sub publish result. The client's own retry would go on
 # for up to 600 s.
 PUBSUB_TIMEOUT = env.float("PUBSUB_TIMEOUT", default=10.0)
+# Seconds the Pub/Sub client waits for more messages before it sends a batch. The
+# engine gives it a whole round at once, so this stays short (the client's own
+# default is 0.01).
+PUBSUB_BATCH_LATENCY = env.float("PUBSUB_BATCH_LATENCY", default=0.002)
 # Seconds one Service Bus send may take, retries included.
 SERVICEBUS_TIMEOUT = env.float("SERVICEBUS_TIMEOUT", default=10.0)
 

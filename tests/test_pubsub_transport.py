@@ -37,6 +37,7 @@ from delivery.transports.pubsub import (
     PubSubTransport,
     limit_problem,
     ordering_key,
+    publish_request_size,
     publisher_for,
 )
 from destinations.models import Application, Destination, Kind, Stage
@@ -461,6 +462,23 @@ def test_limit_check_accepts_maximum_values() -> None:
     )
 
     assert problem is None
+
+
+def test_limit_check_finds_the_exact_request_limit() -> None:
+    topic = "projects/p/topics/t"
+    attributes = {"event_id": "e" * 40, "event_type": "ORDER_ACTION_ACCEPT"}
+    size = MAX_REQUEST_BYTES - 200
+    while publish_request_size(topic, b"x" * size, attributes, "key") <= (
+        MAX_REQUEST_BYTES
+    ):
+        size += 1
+
+    largest = limit_problem(topic, b"x" * (size - 1), attributes, "key")
+    over = limit_problem(topic, b"x" * size, attributes, "key")
+
+    assert largest is None
+    assert over is not None
+    assert f"{MAX_REQUEST_BYTES + 1:,} bytes" in over
 
 
 def test_long_object_key_hashed_to_ordering_key() -> None:
