@@ -31,6 +31,10 @@ from .transports import Blame, Failure, OutgoingMessage, Result, Sent, transport
 logger = logging.getLogger(__name__)
 
 
+# Up to this many deliveries, a claim reads their destinations in the same query.
+JOINED_DESTINATION_LIMIT = 20
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -109,23 +113,23 @@ def claim(worker: str, limit: int) -> list[Delivery]:
             updated_at=now,
         )
 
-    claimed = list(
-        Delivery.objects.filter(
-            pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+    claimed = Delivery.objects.filter(
+        pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+    ).defer("event__data")  # The body is the stored envelope text.
+    if len(ids) <= JOINED_DESTINATION_LIMIT:
+        return list(
+            claimed.select_related("event", "destination", "destination__application")
         )
-        .select_related("event")
-        # The body is the stored envelope text; parsing each event's data as well
-        # would be wasted work.
-        .defer("event__data")
-    )
-    # Most of a claim shares a destination or a few: one object each, read once,
+
+    # A large claim shares a destination or a few: one object each, read once,
     # instead of a joined copy per delivery.
+    deliveries = list(claimed.select_related("event"))
     destinations = Destination.objects.select_related("application").in_bulk(
-        {delivery.destination_id for delivery in claimed}
+        {delivery.destination_id for delivery in deliveries}
     )
-    for delivery in claimed:
+    for delivery in deliveries:
         delivery.destination = destinations[delivery.destination_id]
-    return claimed
+    return deliveries
 
 
 Head = tuple[int, int, str]
