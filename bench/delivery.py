@@ -119,8 +119,8 @@ WARM_UP_EVENTS = 20
 WARM_UP_RATE = 20.0
 # SendMessageBatch takes at most 10 entries (SQS API reference).
 SQS_BATCH_ENTRIES = 10
-# Messages per ServiceBusMessageBatch in the raw loop: as many as the delivery engine
-# claims per round (DELIVERY_CLAIM_SIZE) and as the Pub/Sub client puts in one batch.
+# Messages per ServiceBusMessageBatch in the raw loop, as many as the Pub/Sub client
+# puts in one batch by default.
 SERVICEBUS_BATCH_MESSAGES = 100
 PUBSUB_PROJECT = "bench-project"
 # Ordering needs a regional endpoint on the destination; the worker's emulator host
@@ -756,8 +756,8 @@ class RawServiceBus:
         self.sender.send_messages(self.message(message))
 
     def send_call(self, messages: Sequence[Message]) -> None:
-        # With sessions, the transport puts only messages of one session id in a
-        # batch, because a partitioned entity rejects a batch that mixes them.
+        # One batch per session id, as a partitioned entity requires: the shape of
+        # an engine that sends each key's oldest event alone.
         for _, run in itertools.groupby(messages, key=lambda m: m.object_key):
             same_session = list(run)
             if len(same_session) == 1:

@@ -33,6 +33,34 @@ def check_encryption_keys(app_configs: Any, **kwargs: Any) -> list[Error]:
     return []
 
 
+# Delivery engine settings that must be at least 1 (or 0 for the batch wait).
+ENGINE_MINIMUMS = {
+    "DELIVERY_CLAIM_SIZE": 1,
+    "DELIVERY_RUN_SIZE": 1,
+    "DELIVERY_LEASE_SECONDS": 1,
+    "PUBSUB_BATCH_LATENCY": 0,
+}
+
+
+@register()
+def check_engine_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
+    """delivery.E001: a delivery engine setting below its minimum, with which
+    workers would send nothing or claim deliveries that expire at once."""
+    errors = []
+    for name, minimum in ENGINE_MINIMUMS.items():
+        value = getattr(settings, name)
+        if value < minimum:
+            errors.append(
+                Error(
+                    f"{name} is {value}, but it must be at least {minimum}.",
+                    hint=f"Set {name} to {minimum} or more, or unset it for the "
+                    "default.",
+                    id="delivery.E001",
+                )
+            )
+    return errors
+
+
 # The checks below concern a production deployment (DEPLOYMENT=production). Those
 # tagged deploy=True run only with `manage.py check --deploy`, because they read
 # files or open a connection.

@@ -1,4 +1,5 @@
-"""System checks on ENCRYPTION_KEYS: destinations.E001 and destinations.E002."""
+"""System checks on ENCRYPTION_KEYS (destinations.E001 and destinations.E002) and on
+the delivery engine's settings (delivery.E001)."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ from cryptography.fernet import Fernet
 from django.core.checks import Error, run_checks
 from pytest_django import Settings
 
-from portal.checks import check_encryption_keys
+from portal.checks import check_encryption_keys, check_engine_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -95,3 +96,28 @@ def test_manage_check_exits_nonzero_without_keys() -> None:
 
     assert result.returncode == 1
     assert "destinations.E001" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DELIVERY_CLAIM_SIZE", 0),
+        ("DELIVERY_RUN_SIZE", -1),
+        ("DELIVERY_LEASE_SECONDS", 0),
+        ("PUBSUB_BATCH_LATENCY", -0.5),
+    ],
+)
+def test_engine_setting_below_minimum_reports_e001(
+    settings: Settings, name: str, value: float
+) -> None:
+    setattr(settings, name, value)
+
+    errors = check_engine_settings(None)
+
+    assert [error.id for error in errors] == ["delivery.E001"]
+    assert f"{name} is {value}" in errors[0].msg
+    assert f"Set {name}" in (errors[0].hint or "")
+
+
+def test_default_engine_settings_pass() -> None:
+    assert check_engine_settings(None) == []

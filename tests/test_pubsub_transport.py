@@ -29,6 +29,7 @@ from delivery.transports import (
     Sent,
     transport_for,
 )
+from delivery.transports import pubsub as pubsub_module
 from delivery.transports.pubsub import (
     MAX_ATTRIBUTE_KEY_BYTES,
     MAX_ATTRIBUTES,
@@ -580,6 +581,23 @@ def test_publisher_reused_within_process(
 
     assert publisher_for(ordered) is publisher_for(ordered)
     assert publisher_for(ordered) is not publisher_for(unordered)
+
+
+def test_publisher_waits_the_configured_batch_latency(
+    local_pubsub_peer: PubSubPeer,
+    pubsub_stage: PointStage,
+    application: Application,
+    settings: Settings,
+) -> None:
+    pubsub_stage(local_pubsub_peer.endpoint)
+    settings.PUBSUB_BATCH_LATENCY = 0.005
+    destination = pubsub_destination(application, "latency-topic")
+    pubsub_module._clients.clear()
+
+    client = publisher_for(destination)
+
+    assert client.batch_settings.max_latency == 0.005
+    pubsub_module._clients.clear()
 
 
 def _send_in_child(destination: Destination, parent_client: Any, results: Any) -> None:
