@@ -145,27 +145,27 @@ def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
     it. A run cut short by `limit` stays a prefix of its key's line.
 
     The caller holds the heads' row locks. Nothing else claims a delivery behind a
-    locked head, so waiting for the runs' row locks cannot take them from another
-    worker; it only waits for a staff action on them to commit.
+    locked head, so no other worker holds the runs' row locks. Waiting for them only
+    waits for a staff action on those rows to commit.
     """
     size = settings.DELIVERY_RUN_SIZE
     keyed = [head for head in heads if head[2]]
     lines = dict(zip(keyed, _lines(keyed, size), strict=True)) if size > 1 else {}
 
     runs: list[list[int]] = []
-    taken = 0
+    total = 0
     for head in heads:
-        if taken >= limit:
+        if total >= limit:
             break
         run = [head[0]]
         for pk, status, due_at in lines.get(head, []):
-            if len(run) + taken >= limit:
+            if len(run) + total >= limit:
                 break
             if status != DeliveryStatus.PENDING or due_at is None or due_at > now:
                 break
             run.append(pk)
         runs.append(run)
-        taken += len(run)
+        total += len(run)
 
     behind = [pk for run in runs for pk in run[1:]]
     if not behind:

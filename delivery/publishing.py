@@ -234,10 +234,10 @@ def _insert(events: list[Event], deliveries: list[Delivery]) -> None:
     """Insert new events and their deliveries.
 
     On PostgreSQL, COPY takes the rows in a fraction of the time an INSERT of many
-    rows needs. It fails whole on a duplicate key, which only a concurrent publisher
-    of the same event id can cause, since known ids were left out; then the rows go
-    in again with INSERT ... ON CONFLICT DO NOTHING, which skips the events the
-    other publisher recorded, and their deliveries by their unique constraint.
+    rows needs. It fails whole on a duplicate key. Known ids were left out, so only a
+    concurrent publisher of the same event id can cause one. The rows then go in
+    again with INSERT ... ON CONFLICT DO NOTHING, which skips the events the other
+    publisher recorded, and their deliveries by their unique constraint.
     """
     if connection.vendor == "postgresql":
         try:
@@ -246,7 +246,11 @@ def _insert(events: list[Event], deliveries: list[Delivery]) -> None:
                 copy_rows(deliveries)
             return
         except IntegrityError:
-            logger.info("An event was recorded meanwhile; inserting without COPY")
+            logger.info(
+                "COPY found an event id that another publisher recorded meanwhile; "
+                "inserting %d events with ON CONFLICT DO NOTHING",
+                len(events),
+            )
     Event.objects.bulk_create(events, ignore_conflicts=True)
     Delivery.objects.bulk_create(deliveries, ignore_conflicts=True)
 

@@ -215,8 +215,8 @@ SERVICEBUS_TIMEOUT = env.float("SERVICEBUS_TIMEOUT", default=10.0)
 # The delivery engine.
 # Deliveries one worker claims per round.
 DELIVERY_CLAIM_SIZE = env.int("DELIVERY_CLAIM_SIZE", default=500)
-# On a destination that keeps order, the most deliveries of one ordering key that go
-# out in one round, in order, behind the key's oldest.
+# On a destination that keeps order, the maximum number of deliveries of one ordering
+# key that go out in one round, in order, starting with the key's oldest.
 DELIVERY_RUN_SIZE = env.int("DELIVERY_RUN_SIZE", default=20)
 # Seconds a claim lasts; a delivery still unrecorded after that is sent again. It must
 # exceed the longest send, timeouts and retries of the transports included.

@@ -131,7 +131,7 @@ class _CachedSender:
     # Whether a send through it succeeded: only then can a lost connection mean a
     # stale link rather than an unreachable namespace.
     has_sent: bool = False
-    # The most bytes of messages one batch takes, from the link's announced limit.
+    # Maximum bytes of one batch: the link's announced maximum less BATCH_HEADER_ROOM.
     batch_limit: int | None = None
 
 
