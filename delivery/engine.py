@@ -103,6 +103,8 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     with transaction.atomic():
         locked = due.select_for_update(skip_locked=True, of=("self",))
         heads = list(locked.values_list("pk", "destination_id", "ordering_key")[:limit])
+        if connection.vendor == "postgresql":
+            heads = _keys_to_claim(heads)
         if not heads:
             return []
         ids = _with_runs(heads, now, limit)
@@ -117,22 +119,83 @@ def claim(worker: str, limit: int) -> list[Delivery]:
         pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
     ).defer("event__data")  # The body is the stored envelope text.
     if len(ids) <= JOINED_DESTINATION_LIMIT:
-        return list(
+        deliveries = list(
             claimed.select_related("event", "destination", "destination__application")
         )
-
-    # A large claim shares a destination or a few: one object each, read once,
-    # instead of a joined copy per delivery.
-    deliveries = list(claimed.select_related("event"))
-    destinations = Destination.objects.select_related("application").in_bulk(
-        {delivery.destination_id for delivery in deliveries}
-    )
-    for delivery in deliveries:
-        delivery.destination = destinations[delivery.destination_id]
+    else:
+        # A large claim shares a destination or a few: one object each, read once,
+        # instead of a joined copy per delivery.
+        deliveries = list(claimed.select_related("event"))
+        destinations = Destination.objects.select_related("application").in_bulk(
+            {delivery.destination_id for delivery in deliveries}
+        )
+        for delivery in deliveries:
+            delivery.destination = destinations[delivery.destination_id]
+    # In the order claimed: each run in its key's order as the database sorts event
+    # ids, which may differ from Python's (a collation other than C).
+    position = {pk: index for index, pk in enumerate(ids)}
+    deliveries.sort(key=lambda delivery: position[delivery.pk])
     return deliveries
 
 
 Head = tuple[int, int, str]
+
+# Takes a transaction-level advisory lock per (destination, ordering key), unless
+# another claim holds it, and returns the heads whose key it locked.
+_KEY_LOCKS_SQL = """
+    SELECT h.head
+    FROM unnest(%s::bigint[], %s::bigint[], %s::text[])
+        AS h(head, destination_id, ordering_key)
+    WHERE pg_try_advisory_xact_lock(
+        hashtextextended(h.destination_id::text || '/' || h.ordering_key, 0)
+    )
+"""
+# The keys among the given ones that a worker is sending now.
+_KEYS_SENDING_SQL = """
+    SELECT DISTINCT destination_id, ordering_key
+    FROM delivery_delivery
+    WHERE status = 'sending'
+        AND (destination_id, ordering_key) IN (
+            SELECT * FROM unnest(%s::bigint[], %s::text[])
+        )
+"""
+
+
+def _keys_to_claim(heads: list[Head]) -> list[Head]:
+    """Return the `heads` this claim may take on PostgreSQL: unkeyed ones, and those
+    whose ordering key it locked and that no worker is sending now.
+
+    A head's row lock alone does not give its key to one claim. The claim's query
+    reads a snapshot, so it can miss a delivery of the same key that a concurrent
+    claim marked as sending, and a staff retry or replay can make an older delivery
+    of that key a new head. The key lock lasts until this transaction commits. The
+    check for deliveries being sent runs after it, in a new snapshot, so it reads
+    every claim of the key that committed before.
+    """
+    keyed = [head for head in heads if head[2]]
+    if not keyed:
+        return heads
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _KEY_LOCKS_SQL,
+            [
+                [pk for pk, _, _ in keyed],
+                [destination for _, destination, _ in keyed],
+                [key for _, _, key in keyed],
+            ],
+        )
+        locked = {pk for (pk,) in cursor.fetchall()}
+        owned = [head for head in keyed if head[0] in locked]
+        cursor.execute(
+            _KEYS_SENDING_SQL,
+            [
+                [destination for _, destination, _ in owned],
+                [key for _, _, key in owned],
+            ],
+        )
+        sending = set(cursor.fetchall())
+    free = {head[0] for head in owned if (head[1], head[2]) not in sending}
+    return [head for head in heads if not head[2] or head[0] in free]
 
 
 def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
@@ -144,9 +207,8 @@ def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
     the head. The first that is not (held, waiting for a retry, being sent) ends
     it. A run cut short by `limit` stays a prefix of its key's line.
 
-    The caller holds the heads' row locks. Nothing else claims a delivery behind a
-    locked head, so no other worker holds the runs' row locks. Waiting for them only
-    waits for a staff action on those rows to commit.
+    The caller holds the heads' row locks. A row behind a head that is locked
+    elsewhere ends the run there.
     """
     size = settings.DELIVERY_RUN_SIZE
     keyed = [head for head in heads if head[2]]
@@ -174,7 +236,9 @@ def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
         Delivery.objects.filter(
             pk__in=behind, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
         )
-        .select_for_update()
+        # A row another claim holds ends the run, instead of waiting for it: a
+        # staff replay can let two claims reach one key, and waiting could deadlock.
+        .select_for_update(skip_locked=True)
         .values_list("pk", flat=True)
     )
     return [
@@ -293,16 +357,12 @@ def deliver(delivery_id: int, worker: str | None = None) -> bool:
 def run_once(worker: str, limit: int | None = None) -> int:
     """Claim one batch of due deliveries, send it, and return how many were sent."""
     deliveries = claim(worker, limit or settings.DELIVERY_CLAIM_SIZE)
-    # In event order within each destination: the order each ordering key's run
-    # must go out in.
-    deliveries.sort(key=_send_order)
+    # A stable sort keeps the claim's order within each destination, which is
+    # each ordering key's order as the database compares event ids.
+    deliveries.sort(key=lambda delivery: delivery.destination_id)
     for _, group in groupby(deliveries, key=lambda delivery: delivery.destination_id):
         send_batch(worker, list(group))
     return len(deliveries)
-
-
-def _send_order(delivery: Delivery) -> tuple[int, datetime, str]:
-    return (delivery.destination_id, delivery.event_time, delivery.event_id)
 
 
 def drain(

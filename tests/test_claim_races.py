@@ -1,0 +1,209 @@
+"""Claims on PostgreSQL that race with each other or with staff actions.
+
+A key's run goes out in the database's (event_time, event id) order. One key has one
+owner at a time, even when a replay makes an older event its head mid-claim."""
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from delivery import engine, tasks
+from delivery.models import Delivery, DeliveryStatus
+from delivery.replay import replay
+from destinations.models import Destination
+
+from .delivery_doubles import (
+    BASE_TIME,
+    Script,
+    install_transport,
+    make_application,
+    make_destination,
+    queue_events,
+    run_until_idle,
+)
+
+KEY = "4102/st-1/order/a"
+
+needs_postgresql = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="needs PostgreSQL"
+)
+
+
+@pytest.fixture
+def transport(monkeypatch: pytest.MonkeyPatch) -> Script:
+    return install_transport(monkeypatch)
+
+
+@pytest.fixture
+def fifo() -> Destination:
+    return make_destination(make_application(), ordered=True)
+
+
+def database_order(destination: Destination) -> list[str]:
+    """Return the key's event ids in the engine's SQL order: event_time, event_id."""
+    return list(
+        Delivery.objects.filter(destination=destination, ordering_key=KEY)
+        .order_by("event_time", "event_id")
+        .values_list("event_id", flat=True)
+    )
+
+
+# Order within a run.
+
+
+@needs_postgresql
+@pytest.mark.django_db
+def test_run_sent_in_database_order(
+    fifo: Destination, transport: Script, settings: Any
+) -> None:
+    # A database whose collation is not C, as one created with en_US.UTF-8 or an
+    # ICU locale: "order-a" sorts before "order-B", unlike in Python.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE delivery_delivery ALTER COLUMN event_id "
+            'TYPE varchar(64) COLLATE "en-US-x-icu"'
+        )
+    # Two events of one key at the same millisecond.
+    queue_events(fifo, [("order-B", KEY, 1), ("order-a", KEY, 1)])
+    assert database_order(fifo) == ["order-a", "order-B"]
+
+    # One delivery per round: the engine's own order, head first.
+    settings.DELIVERY_RUN_SIZE = 1
+    heads = [delivery.event_id for delivery in engine.claim("probe", 10)]
+    assert heads == ["order-a"]
+    Delivery.objects.update(status=DeliveryStatus.PENDING, claimed_by="")
+
+    settings.DELIVERY_RUN_SIZE = 20
+    run_until_idle()
+
+    assert transport.sent == ["order-a", "order-B"]
+
+
+# A replay during a claim.
+
+
+@needs_postgresql
+@pytest.mark.django_db(transaction=True)
+def test_replay_during_claim_one_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "wake_workers", lambda *args: None)
+    destination = make_destination(make_application(), ordered=True)
+    deliveries = queue_events(
+        destination,
+        [
+            ("e1", KEY, 1),
+            ("e2", KEY, 2),
+            ("e3", KEY, 3),
+            ("e6", KEY, 6),
+            ("e7", KEY, 7),
+        ],
+    )
+    Delivery.objects.filter(
+        pk__in=[deliveries[e].pk for e in ("e1", "e2", "e3")]
+    ).update(status=DeliveryStatus.DELIVERED, next_attempt_at=None)
+
+    first_locked = threading.Event()
+    go_on = threading.Event()
+    real_with_runs = engine._with_runs
+
+    def with_runs(heads: Any, now: Any, limit: int) -> list[int]:
+        # Worker A stops between locking its head and reading its line.
+        if threading.current_thread().name == "A":
+            first_locked.set()
+            assert go_on.wait(10)
+        return real_with_runs(heads, now, limit)
+
+    monkeypatch.setattr(engine, "_with_runs", with_runs)
+    claimed: dict[str, list[str]] = {}
+    errors: list[Exception] = []
+
+    def claim(worker: str) -> None:
+        try:
+            claimed[worker] = [d.event_id for d in engine.claim(worker, 10)]
+        except Exception as error:
+            errors.append(error)
+        finally:
+            connection.close()
+
+    a = threading.Thread(target=claim, args=("A",), name="A")
+    a.start()
+    assert first_locked.wait(10)
+    # Staff replay the key's first three events while A's claim is open.
+    replay(destination, BASE_TIME, BASE_TIME + timedelta(seconds=4))
+    b = threading.Thread(target=claim, args=("B",), name="B")
+    b.start()
+    time.sleep(1.0)  # B locks e1 and waits for A's lock on e6.
+    go_on.set()
+    a.join(10)
+    b.join(10)
+
+    assert errors == []
+    sending = Delivery.objects.filter(
+        destination=destination, ordering_key=KEY, status=DeliveryStatus.SENDING
+    )
+    owners = set(sending.values_list("claimed_by", flat=True))
+    assert len(owners) <= 1, f"one key claimed by {sorted(owners)}: {claimed}"
+
+
+@needs_postgresql
+@pytest.mark.django_db(transaction=True)
+def test_replay_during_claim_no_deadlock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "wake_workers", lambda *args: None)
+    destination = make_destination(make_application(), ordered=True)
+    # e7's row comes before e6's, as for an event published late.
+    deliveries = queue_events(
+        destination,
+        [("e1", KEY, 1), ("e2", KEY, 2), ("e7", KEY, 7), ("e6", KEY, 6)],
+    )
+    Delivery.objects.filter(pk__in=[deliveries[e].pk for e in ("e1", "e2")]).update(
+        status=DeliveryStatus.DELIVERED, next_attempt_at=None
+    )
+
+    line_read = threading.Event()
+    go_on = threading.Event()
+    real_lines = engine._lines
+
+    def lines(heads: Any, size: int) -> Any:
+        found = real_lines(heads, size)
+        # Worker A stops after reading its line [e6, e7], before locking e7.
+        if threading.current_thread().name == "A":
+            line_read.set()
+            assert go_on.wait(10)
+        return found
+
+    monkeypatch.setattr(engine, "_lines", lines)
+    claimed: dict[str, list[str]] = {}
+    errors: list[str] = []
+
+    def claim(worker: str) -> None:
+        try:
+            claimed[worker] = [d.event_id for d in engine.claim(worker, 10)]
+        except Exception as error:
+            errors.append(f"{worker}: {type(error).__name__}: {error}")
+        finally:
+            connection.close()
+
+    a = threading.Thread(target=claim, args=("A",), name="A")
+    a.start()
+    assert line_read.wait(10)
+    replay(destination, BASE_TIME, BASE_TIME + timedelta(seconds=3))
+    b = threading.Thread(target=claim, args=("B",), name="B")
+    b.start()
+    time.sleep(1.0)  # B locks e1, then e7, and waits for A's lock on e6.
+    go_on.set()
+    a.join(15)
+    b.join(15)
+
+    assert errors == []
+    assert sorted(claimed) == ["A", "B"]
+    sending = Delivery.objects.filter(
+        destination=destination, ordering_key=KEY, status=DeliveryStatus.SENDING
+    )
+    assert set(sending.values_list("claimed_by", flat=True)) == {"A"}
