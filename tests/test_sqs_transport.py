@@ -472,6 +472,61 @@ def test_full_call_defers_the_rest_of_each_group() -> None:
     assert calls == [list(range(10)), [10, 11]]
 
 
+def test_call_failing_whole_stops_every_group() -> None:
+    groups = [f"g{n}" for n in range(11)]
+    outage = Failure(kind="connection_failed", message="down", permanent=False)
+    by_group = _OnePerGroup([entry(n, group) for n, group in enumerate(groups)])
+    calls = []
+
+    for batch in by_group:
+        calls.append([index for index, _, _ in batch])
+        by_group.after(batch, [outage] * len(batch))
+
+    assert calls == [list(range(10))]
+    assert by_group.not_sent == {10: outage}
+
+
+def test_outage_stops_standard_queue_after_one_call(
+    settings: Settings, application: Application
+) -> None:
+    identity = {
+        "aws_access_key_id": FAKE_ACCESS_KEY_ID,
+        "aws_secret_access_key": FAKE_SECRET_ACCESS_KEY,
+        "aws_profile": "",
+        # Nothing listens there once free_port has closed its socket.
+        "sqs_endpoint_url": f"http://127.0.0.1:{free_port()}",
+    }
+    settings.STAGE_IDENTITIES = {"TEST": identity, "PROD": identity}
+    destination = Destination.objects.create(
+        application=application,
+        stage=Stage.TEST,
+        kind=Kind.SQS,
+        name="unreachable",
+        sqs_queue_url="https://sqs.eu-west-1.amazonaws.com/123456789012/unreachable",
+    )
+    messages = [outgoing(f"evt-{n}", f"order-{n}", b"{}") for n in range(25)]
+    client = sqs_module._client(
+        sqs_module._Identity.for_stage(destination.stage), queue_region(destination)
+    )
+    calls: list[int] = []
+
+    def record_call(params: dict[str, Any], **_: Any) -> None:
+        calls.append(len(params["Entries"]))
+
+    event = "provide-client-params.sqs.SendMessageBatch"
+    client.meta.events.register(event, record_call)
+    try:
+        results = SqsTransport(destination).send(messages)
+    finally:
+        client.meta.events.unregister(event, record_call)
+
+    # Three calls of up to 10 would be needed; the first one's outage ends the send.
+    assert calls == [10]
+    kinds = {result.kind for result in results if isinstance(result, Failure)}
+    assert kinds == {"connection_failed"}
+    assert len([result for result in results if isinstance(result, Failure)]) == 25
+
+
 def test_noncharacter_sent_as_json_escape(
     sqs_endpoint: Any, make_sqs_queue: MakeQueue, application: Application
 ) -> None:

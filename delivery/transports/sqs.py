@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import boto3
@@ -290,8 +291,15 @@ class SqsTransport(Transport):
             for index, failure in by_group.not_sent.items():
                 results[index] = failure
         else:
-            for batch in _batches(entries):
-                self._send_into(client, batch, errors, results)
+            batches = list(_batches(entries))
+            for number, batch in enumerate(batches):
+                stop = _whole_call_failure(
+                    self._send_into(client, batch, errors, results)
+                )
+                if stop is not None:
+                    for index, _, _ in chain.from_iterable(batches[number + 1 :]):
+                        results[index] = stop
+                    break
 
         return [
             errors.missing_batch_result() if result is None else result
@@ -536,14 +544,30 @@ class _OnePerGroup:
         for (_, entry, _), result in zip(batch, results, strict=True):
             if isinstance(result, Failure) and result.blame != Blame.MESSAGE:
                 self.stopped[entry["MessageGroupId"]] = result
+        whole_call = _whole_call_failure(results)
         kept = []
         for item in self.remaining:
-            failure = self.stopped.get(item[1]["MessageGroupId"])
+            failure = whole_call or self.stopped.get(item[1]["MessageGroupId"])
             if failure is None:
                 kept.append(item)
             else:
                 self.not_sent[item[0]] = failure
         self.remaining = kept
+
+
+def _whole_call_failure(results: list[Result]) -> Failure | None:
+    """Return the failure when every entry of a call failed the same way, for a
+    reason that is not its own (an outage, throttling, access denied), else None.
+
+    The calls after it would most likely fail the same way, each after its own
+    timeouts, and a send of many calls could outlast the engine's lease.
+    """
+    first = results[0] if results else None
+    if not isinstance(first, Failure) or first.blame == Blame.MESSAGE:
+        return None
+    if all(result == first for result in results):
+        return first
+    return None
 
 
 class _Errors:
