@@ -11,7 +11,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from . import bulk
-from .engine import earlier_unfinished
+from .claiming import earlier_unfinished
 from .models import Attempt, BulkJob, Delivery, DeliveryStatus, Event
 from .pagination import LargeTableAdminMixin
 from .replay import retry_failed

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from delivery import engine, tasks
+from delivery import claiming, engine, tasks
 from delivery.models import Delivery, DeliveryStatus
 from delivery.replay import replay
 from destinations.models import Destination
@@ -109,7 +109,7 @@ def test_replay_during_claim_one_owner(
 
     first_locked = threading.Event()
     go_on = threading.Event()
-    real_with_runs = engine._with_runs
+    real_with_runs = claiming._with_runs
 
     def with_runs(heads: Any, now: Any, limit: int) -> list[int]:
         # Worker A stops between locking its head and reading its line.
@@ -118,7 +118,7 @@ def test_replay_during_claim_one_owner(
             assert go_on.wait(10)
         return real_with_runs(heads, now, limit)
 
-    monkeypatch.setattr(engine, "_with_runs", with_runs)
+    monkeypatch.setattr(claiming, "_with_runs", with_runs)
     claimed: dict[str, list[str]] = {}
     errors: list[Exception] = []
 
@@ -168,7 +168,7 @@ def test_replay_during_claim_no_deadlock(
 
     line_read = threading.Event()
     go_on = threading.Event()
-    real_lines = engine._lines
+    real_lines = claiming._lines
 
     def lines(heads: Any, size: int) -> Any:
         found = real_lines(heads, size)
@@ -178,7 +178,7 @@ def test_replay_during_claim_no_deadlock(
             assert go_on.wait(10)
         return found
 
-    monkeypatch.setattr(engine, "_lines", lines)
+    monkeypatch.setattr(claiming, "_lines", lines)
     claimed: dict[str, list[str]] = {}
     errors: list[str] = []
 

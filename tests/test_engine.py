@@ -21,7 +21,7 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from delivery import engine, tasks
+from delivery import claiming, engine, tasks
 from delivery.models import (
     Attempt,
     Delivery,
@@ -248,7 +248,7 @@ def test_no_run_behind_a_delivery_that_is_not_the_head(fifo: Destination) -> Non
     head = (not_head.pk, fifo.pk, KEY_A)
 
     with transaction.atomic():
-        ids = engine._with_runs([head], timezone.now(), limit=10)
+        ids = claiming._with_runs([head], timezone.now(), limit=10)
 
     assert ids == [not_head.pk]
 

@@ -28,7 +28,7 @@ from django.db.models.functions import TruncHour
 
 from destinations.models import Application, Destination, State
 
-from ..engine import earlier_unfinished
+from ..claiming import earlier_unfinished
 from ..models import Attempt, Delivery, DeliveryStatus, Event, Outcome, Replay
 from ..replay import events_in_range
 

@@ -1,0 +1,312 @@
+"""Claiming: which due deliveries a worker may lease now, with a key's run behind
+each head on destinations that keep order.
+
+A claim leases deliveries with FOR UPDATE SKIP LOCKED on PostgreSQL. On SQLite this
+project opens transactions with BEGIN IMMEDIATE, which serialises claims instead.
+"""
+
+from datetime import datetime, timedelta
+from itertools import takewhile
+from operator import itemgetter
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Exists, F, OuterRef, Q, QuerySet, Window
+from django.db.models.functions import RowNumber
+from django.utils import timezone
+
+from destinations.models import Destination
+
+from .models import UNFINISHED, Delivery, DeliveryStatus
+
+# Up to this many deliveries, a claim reads their destinations in the same query.
+JOINED_DESTINATION_LIMIT = 20
+
+
+def earlier_unfinished() -> QuerySet[Delivery]:
+    """Return, for use in Exists() against an outer Delivery, the unfinished
+    deliveries of the same destination and ordering key with an earlier event."""
+    earlier = Q(event_time__lt=OuterRef("event_time")) | Q(
+        event_time=OuterRef("event_time"), event_id__lt=OuterRef("event_id")
+    )
+    return Delivery.objects.filter(
+        earlier,
+        destination=OuterRef("destination"),
+        ordering_key=OuterRef("ordering_key"),
+        status__in=UNFINISHED,
+    )
+
+
+def sending_same_key() -> QuerySet[Delivery]:
+    """Return, for use in Exists() against an outer Delivery, the deliveries of the
+    same destination and ordering key that a worker is sending now."""
+    return Delivery.objects.filter(
+        destination=OuterRef("destination"),
+        ordering_key=OuterRef("ordering_key"),
+        status=DeliveryStatus.SENDING,
+    )
+
+
+def claimable(now: datetime) -> QuerySet[Delivery]:
+    """Return the deliveries a worker may claim at `now`, as `claim` describes."""
+    # Test events go out even to a paused or disabled destination: staff send them
+    # to check a destination before enabling it.
+    sendable = Q(is_test=True) | Q(
+        destination__enabled=True, destination__paused_at__isnull=True
+    )
+    return (
+        Delivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+        .filter(sendable)
+        .filter(
+            Q(ordering_key="")
+            | (~Exists(earlier_unfinished()) & ~Exists(sending_same_key()))
+        )
+    )
+
+
+def claim(worker: str, limit: int) -> list[Delivery]:
+    """Lease up to `limit` due deliveries to `worker` and return them.
+
+    For a destination that keeps order, a delivery waits while one of the same
+    ordering key with an earlier event (by time, then event id) is unfinished, so
+    only the head of each key is due. It also waits while any delivery of its key is
+    being sent: an older event that was retried or replayed must not go out
+    alongside a newer one already in flight. A claimed head brings along the run of
+    pending deliveries right behind it (`_with_runs`), which go out in the same
+    call, in order. Keys are taken whole, oldest due head first, so that a claim
+    that fills up leaves other keys to another worker.
+
+    On PostgreSQL, FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint
+    heads. Only the worker that locked a key's head claims deliveries behind it.
+    SQLite ignores the clause, but this project opens SQLite transactions with BEGIN
+    IMMEDIATE, which serialises claims between processes instead.
+    """
+    now = timezone.now()
+    due = claimable(now).order_by("next_attempt_at", "pk")
+
+    with transaction.atomic():
+        locked = due.select_for_update(skip_locked=True, of=("self",))
+        heads = list(locked.values_list("pk", "destination_id", "ordering_key")[:limit])
+        if connection.vendor == "postgresql":
+            heads = _keys_to_claim(heads)
+        if not heads:
+            return []
+        ids = _with_runs(heads, now, limit)
+        Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.PENDING).update(
+            status=DeliveryStatus.SENDING,
+            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
+            claimed_by=worker,
+            updated_at=now,
+        )
+
+    claimed = Delivery.objects.filter(
+        pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+    ).defer("event__data")  # The body is the stored envelope text.
+    if len(ids) <= JOINED_DESTINATION_LIMIT:
+        deliveries = list(
+            claimed.select_related("event", "destination", "destination__application")
+        )
+    else:
+        # A large claim shares a destination or a few: one object each, read once,
+        # instead of a joined copy per delivery.
+        deliveries = list(claimed.select_related("event"))
+        destinations = Destination.objects.select_related("application").in_bulk(
+            {delivery.destination_id for delivery in deliveries}
+        )
+        for delivery in deliveries:
+            delivery.destination = destinations[delivery.destination_id]
+    # In the order claimed: each run in its key's order as the database sorts event
+    # ids, which may differ from Python's (a collation other than C).
+    position = {pk: index for index, pk in enumerate(ids)}
+    deliveries.sort(key=lambda delivery: position[delivery.pk])
+    return deliveries
+
+
+Head = tuple[int, int, str]
+
+# Takes a transaction-level advisory lock per (destination, ordering key), unless
+# another claim holds it, and returns the heads whose key it locked.
+_KEY_LOCKS_SQL = """
+    SELECT h.head
+    FROM unnest(%s::bigint[], %s::bigint[], %s::text[])
+        AS h(head, destination_id, ordering_key)
+    WHERE pg_try_advisory_xact_lock(
+        hashtextextended(h.destination_id::text || '/' || h.ordering_key, 0)
+    )
+"""
+# The keys among the given ones that a worker is sending now.
+_KEYS_SENDING_SQL = """
+    SELECT DISTINCT destination_id, ordering_key
+    FROM delivery_delivery
+    WHERE status = 'sending'
+        AND (destination_id, ordering_key) IN (
+            SELECT * FROM unnest(%s::bigint[], %s::text[])
+        )
+"""
+
+
+def _keys_to_claim(heads: list[Head]) -> list[Head]:
+    """Return the `heads` this claim may take on PostgreSQL: unkeyed ones, and those
+    whose ordering key it locked and that no worker is sending now.
+
+    A head's row lock alone does not give its key to one claim. The claim's query
+    reads a snapshot, so it can miss a delivery of the same key that a concurrent
+    claim marked as sending, and a staff retry or replay can make an older delivery
+    of that key a new head. The key lock lasts until this transaction commits. The
+    check for deliveries being sent runs after it, in a new snapshot, so it reads
+    every claim of the key that committed before.
+    """
+    keyed = [head for head in heads if head[2]]
+    if not keyed:
+        return heads
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _KEY_LOCKS_SQL,
+            [
+                [pk for pk, _, _ in keyed],
+                [destination for _, destination, _ in keyed],
+                [key for _, _, key in keyed],
+            ],
+        )
+        locked = {pk for (pk,) in cursor.fetchall()}
+        owned = [head for head in keyed if head[0] in locked]
+        cursor.execute(
+            _KEYS_SENDING_SQL,
+            [
+                [destination for _, destination, _ in owned],
+                [key for _, _, key in owned],
+            ],
+        )
+        sending = set(cursor.fetchall())
+    free = {head[0] for head in owned if (head[1], head[2]) not in sending}
+    return [head for head in heads if not head[2] or head[0] in free]
+
+
+def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
+    """Return the ids to claim: each of the locked `heads` (id, destination id,
+    ordering key) with the run behind it, in head order, at most `limit` in all.
+
+    The run behind a head of an ordering key is the deliveries of its key that
+    follow it without a gap: each pending and due, at most DELIVERY_RUN_SIZE with
+    the head. The first that is not (held, waiting for a retry, being sent) ends
+    it. A run cut short by `limit` stays a prefix of its key's line.
+
+    The caller holds the heads' row locks. A row behind a head that is locked
+    elsewhere ends the run there.
+    """
+    size = settings.DELIVERY_RUN_SIZE
+    keyed = [head for head in heads if head[2]]
+    lines = dict(zip(keyed, _lines(keyed, size), strict=True)) if size > 1 else {}
+
+    runs: list[list[int]] = []
+    total = 0
+    for head in heads:
+        if total >= limit:
+            break
+        run = [head[0]]
+        for pk, status, due_at in lines.get(head, []):
+            if len(run) + total >= limit:
+                break
+            if status != DeliveryStatus.PENDING or due_at is None or due_at > now:
+                break
+            run.append(pk)
+        runs.append(run)
+        total += len(run)
+
+    behind = [pk for run in runs for pk in run[1:]]
+    if not behind:
+        return [run[0] for run in runs]
+    unchanged = set(
+        Delivery.objects.filter(
+            pk__in=behind, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+        )
+        # A row another claim holds ends the run, instead of waiting for it: a
+        # staff replay can let two claims reach one key, and waiting could deadlock.
+        .select_for_update(skip_locked=True)
+        .values_list("pk", flat=True)
+    )
+    return [
+        pk
+        for run in runs
+        for pk in [run[0], *takewhile(unchanged.__contains__, run[1:])]
+    ]
+
+
+LineEntry = tuple[int, str, datetime | None]
+
+# One index scan of delivery_unfinished_by_key per key, stopping after the run's
+# size, however long the key's backlog is.
+_LINES_SQL = """
+    SELECT h.head, d.id, d.status, d.next_attempt_at
+    FROM unnest(%s::bigint[], %s::bigint[], %s::text[])
+        AS h(head, destination_id, ordering_key)
+    CROSS JOIN LATERAL (
+        SELECT id, status, next_attempt_at, event_time, event_id
+        FROM delivery_delivery
+        WHERE destination_id = h.destination_id
+            AND ordering_key = h.ordering_key
+            AND status = ANY(%s::text[])
+        ORDER BY event_time, event_id
+        LIMIT %s
+    ) AS d
+    ORDER BY h.head, d.event_time, d.event_id
+"""
+
+
+def _lines(heads: list[Head], size: int) -> list[list[LineEntry]]:
+    """Return, per head, the (id, status, next attempt) of the unfinished deliveries
+    behind it in its key's line, at most `size` - 1, in event order.
+
+    A line whose first delivery is no longer the head (an earlier event arrived
+    after the claim's query) is returned empty: nothing goes out behind that head.
+    """
+    unfinished = [str(status) for status in UNFINISHED]
+    rows: dict[int, list[tuple[int, str, datetime | None]]] = {}
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _LINES_SQL,
+                [
+                    [pk for pk, _, _ in heads],
+                    [destination for _, destination, _ in heads],
+                    [key for _, _, key in heads],
+                    unfinished,
+                    size,
+                ],
+            )
+            for head, pk, status, due_at in cursor.fetchall():
+                rows.setdefault(head, []).append((pk, status, due_at))
+    else:
+        by_key = {(destination, key): pk for pk, destination, key in heads}
+        position = Window(
+            RowNumber(),
+            partition_by=[F("destination_id"), F("ordering_key")],
+            order_by=[F("event_time").asc(), F("event_id").asc()],
+        )
+        found = (
+            Delivery.objects.filter(
+                status__in=unfinished,
+                destination_id__in={destination for _, destination, _ in heads},
+                ordering_key__in={key for _, _, key in heads},
+            )
+            .annotate(position=position)
+            .filter(position__lte=size)
+            .values_list(
+                "destination_id",
+                "ordering_key",
+                "pk",
+                "status",
+                "next_attempt_at",
+                "position",
+            )
+        )
+        for destination, key, pk, status, due_at, _ in sorted(found, key=itemgetter(5)):
+            head = by_key.get((destination, key))
+            if head is not None:
+                rows.setdefault(head, []).append((pk, status, due_at))
+
+    lines = []
+    for pk, _, _ in heads:
+        line = rows.get(pk, [])
+        lines.append(line[1:] if line and line[0][0] == pk else [])
+    return lines
