@@ -7,6 +7,7 @@ in a Celery worker process.
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -525,6 +526,25 @@ def test_outage_stops_standard_queue_after_one_call(
     kinds = {result.kind for result in results if isinstance(result, Failure)}
     assert kinds == {"connection_failed"}
     assert len([result for result in results if isinstance(result, Failure)]) == 25
+
+
+def test_peer_stamps_current_sent_timestamp(
+    sqs_endpoint: Any, make_sqs_queue: MakeQueue, application: Application
+) -> None:
+    queue = make_sqs_queue(fifo=True)
+    transport = SqsTransport(sqs_destination(application, queue))
+    before_ms = time.time() * 1000
+
+    [result] = transport.send([outgoing("evt-1", "order-1", b"{}")])
+
+    after_ms = time.time() * 1000
+    assert isinstance(result, Sent)
+    [message] = queue.receive()
+    sent_ms = int(message["Attributes"]["SentTimestamp"])
+    # SentTimestamp is whole milliseconds.
+    assert before_ms - 1 <= sent_ms <= after_ms
+    # In flight after the receive: not received again within its visibility timeout.
+    assert queue.receive() == []
 
 
 def test_noncharacter_sent_as_json_escape(
