@@ -162,9 +162,7 @@ def test_claimed_delivery_not_claimed_again(standard: Destination) -> None:
 # Order per ordering key.
 
 
-def test_ordered_claim_takes_each_key_head_and_its_run(
-    fifo: Destination, settings: Any
-) -> None:
+def test_claim_takes_head_and_run(fifo: Destination, settings: Any) -> None:
     settings.DELIVERY_RUN_SIZE = 2
     queue_events(
         fifo,
@@ -200,7 +198,7 @@ def test_run_size_one_claims_heads_only(fifo: Destination, settings: Any) -> Non
     ],
     ids=["held", "waiting-for-retry"],
 )
-def test_run_ends_before_a_delivery_that_cannot_go(
+def test_run_ends_at_blocked_delivery(
     fifo: Destination, status: str, retry_in: timedelta | None
 ) -> None:
     deliveries = queue_events(
@@ -215,7 +213,7 @@ def test_run_ends_before_a_delivery_that_cannot_go(
     assert claimed_ids(claimed) == ["a1"]
 
 
-def test_full_claim_takes_whole_runs_of_the_oldest_keys(fifo: Destination) -> None:
+def test_full_claim_takes_oldest_keys_whole(fifo: Destination) -> None:
     deliveries = queue_events(
         fifo,
         [
@@ -239,7 +237,7 @@ def test_full_claim_takes_whole_runs_of_the_oldest_keys(fifo: Destination) -> No
     assert claimed_ids(second) == ["c1"]
 
 
-def test_no_run_behind_a_delivery_that_is_not_the_head(fifo: Destination) -> None:
+def test_no_run_behind_stale_head(fifo: Destination) -> None:
     deliveries = queue_events(
         fifo, [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3)]
     )
@@ -273,9 +271,7 @@ def test_ordered_keys_flow_independently(fifo: Destination, transport: Script) -
     assert batches == [["a1", "a2", "a3", "b1", "c1", "c2"]]
 
 
-def test_runs_go_out_in_event_order_not_creation_order(
-    fifo: Destination, transport: Script
-) -> None:
+def test_run_goes_in_event_order(fifo: Destination, transport: Script) -> None:
     queue_events(fifo, [("a3", KEY_A, 3), ("a1", KEY_A, 1), ("a2", KEY_A, 2)])
 
     run_until_idle()
@@ -284,9 +280,7 @@ def test_runs_go_out_in_event_order_not_creation_order(
     assert transport.sent == ["a1", "a2", "a3"]
 
 
-def test_failed_head_holds_back_its_run_without_attempts(
-    fifo: Destination, transport: Script
-) -> None:
+def test_failed_head_holds_back_run(fifo: Destination, transport: Script) -> None:
     deliveries = queue_events(
         fifo,
         [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3), ("b1", KEY_B, 4)],
@@ -314,9 +308,7 @@ def test_failed_head_holds_back_its_run_without_attempts(
     assert transport.batches[-1] == transport.batches[-1][:3]
 
 
-def test_failure_in_the_middle_of_a_run_keeps_earlier_ones_delivered(
-    fifo: Destination, transport: Script
-) -> None:
+def test_mid_run_failure_keeps_earlier(fifo: Destination, transport: Script) -> None:
     deliveries = queue_events(
         fifo, [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3)]
     )
@@ -331,9 +323,7 @@ def test_failure_in_the_middle_of_a_run_keeps_earlier_ones_delivered(
     assert Attempt.objects.filter(delivery__event_id="a3").count() == 0
 
 
-def test_message_failure_in_a_run_lets_the_rest_go(
-    fifo: Destination, transport: Script
-) -> None:
+def test_message_failure_lets_run_go_on(fifo: Destination, transport: Script) -> None:
     deliveries = queue_events(
         fifo, [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3)]
     )
@@ -347,7 +337,7 @@ def test_message_failure_in_a_run_lets_the_rest_go(
     assert status_of(deliveries["a3"]) == DeliveryStatus.DELIVERED
 
 
-def test_transport_that_sends_past_a_failure_is_logged(
+def test_send_past_failure_is_logged(
     fifo: Destination, transport: Script, caplog: pytest.LogCaptureFixture
 ) -> None:
     deliveries = queue_events(fifo, [("a1", KEY_A, 1), ("a2", KEY_A, 2)])
@@ -423,7 +413,7 @@ def test_same_time_events_go_by_id(fifo: Destination, transport: Script) -> None
 
 
 @pytest.mark.parametrize(("events", "calls"), [(5, 1), (2, 1), (1, 0)])
-def test_full_claim_asks_for_another_worker_once(
+def test_full_claim_wakes_one_worker(
     standard: Destination, transport: Script, settings: Any, events: int, calls: int
 ) -> None:
     settings.DELIVERY_CLAIM_SIZE = 2

@@ -232,7 +232,7 @@ def test_publish_skips_recorded_id(application: Application) -> None:
     assert Delivery.objects.count() == 1
 
 
-def test_event_recorded_meanwhile_is_skipped_with_its_deliveries(
+def test_concurrent_duplicate_is_skipped(
     application: Application,
 ) -> None:
     destination = make_destination(application)

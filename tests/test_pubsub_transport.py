@@ -465,7 +465,7 @@ def test_limit_check_accepts_maximum_values() -> None:
     assert problem is None
 
 
-def test_limit_check_finds_the_exact_request_limit() -> None:
+def test_limit_check_exact_request_limit() -> None:
     topic = "projects/p/topics/t"
     attributes = {"event_id": "e" * 40, "event_type": "ORDER_ACTION_ACCEPT"}
     size = MAX_REQUEST_BYTES - 200
@@ -583,7 +583,7 @@ def test_publisher_reused_within_process(
     assert publisher_for(ordered) is not publisher_for(unordered)
 
 
-def test_publisher_waits_the_configured_batch_latency(
+def test_publisher_batch_latency_setting(
     local_pubsub_peer: PubSubPeer,
     pubsub_stage: PointStage,
     application: Application,

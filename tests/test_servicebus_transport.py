@@ -192,7 +192,7 @@ def test_sessions_without_partitioning_share_a_batch(
     assert len({m.transfer_size for m in recorded}) == 1
 
 
-def test_full_batches_of_small_messages_fit_the_link(
+def test_full_batches_fit_the_link(
     servicebus: ServiceBusPeer, make_servicebus_destination: MakeServiceBusDestination
 ) -> None:
     destination = make_servicebus_destination(sessions=True)

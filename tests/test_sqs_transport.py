@@ -442,7 +442,7 @@ def entry(index: int, group: str) -> Entry:
     return (index, {"MessageGroupId": group, "MessageBody": "{}"}, 100)
 
 
-def test_group_stops_at_its_first_failure_that_is_not_its_own() -> None:
+def test_group_stops_at_blocking_failure() -> None:
     entries = [entry(0, "a"), entry(1, "b"), entry(2, "a"), entry(3, "b")]
     outage = Failure(kind="connection_failed", message="down", permanent=False)
     too_large = Failure(
@@ -464,7 +464,7 @@ def test_group_stops_at_its_first_failure_that_is_not_its_own() -> None:
     assert by_group.not_sent == {2: outage}
 
 
-def test_full_call_defers_the_rest_of_each_group() -> None:
+def test_full_call_defers_groups() -> None:
     groups = [f"g{n}" for n in range(11)] + ["g0"]
     by_group = _OnePerGroup([entry(n, group) for n, group in enumerate(groups)])
 
@@ -473,7 +473,7 @@ def test_full_call_defers_the_rest_of_each_group() -> None:
     assert calls == [list(range(10)), [10, 11]]
 
 
-def test_call_failing_whole_stops_every_group() -> None:
+def test_whole_call_failure_stops_all() -> None:
     groups = [f"g{n}" for n in range(11)]
     outage = Failure(kind="connection_failed", message="down", permanent=False)
     by_group = _OnePerGroup([entry(n, group) for n, group in enumerate(groups)])
@@ -487,7 +487,7 @@ def test_call_failing_whole_stops_every_group() -> None:
     assert by_group.not_sent == {10: outage}
 
 
-def test_outage_stops_standard_queue_after_one_call(
+def test_outage_stops_standard_send(
     settings: Settings, application: Application
 ) -> None:
     identity = {

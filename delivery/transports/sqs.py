@@ -546,14 +546,14 @@ class _OnePerGroup:
             if isinstance(result, Failure) and result.blame != Blame.MESSAGE:
                 self.stopped[entry["MessageGroupId"]] = result
         whole_call = _whole_call_failure(results)
-        kept = []
+        still_to_send = []
         for item in self.remaining:
             failure = whole_call or self.stopped.get(item[1]["MessageGroupId"])
             if failure is None:
-                kept.append(item)
+                still_to_send.append(item)
             else:
                 self.not_sent[item[0]] = failure
-        self.remaining = kept
+        self.remaining = still_to_send
 
 
 def _whole_call_failure(results: list[Result]) -> Failure | None:
