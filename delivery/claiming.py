@@ -124,6 +124,17 @@ def claim(worker: str, limit: int) -> list[Delivery]:
 
 Head = tuple[int, int, str]
 
+
+def _columns(heads: list[Head]) -> tuple[list[int], list[int], list[str]]:
+    """Return the heads' ids, destination ids and ordering keys as three lists, the
+    arrays that the queries below unnest."""
+    return (
+        [pk for pk, _, _ in heads],
+        [destination for _, destination, _ in heads],
+        [key for _, _, key in heads],
+    )
+
+
 # Takes a transaction-level advisory lock per (destination, ordering key), unless
 # another claim holds it, and returns the heads whose key it locked.
 _KEY_LOCKS_SQL = """
@@ -160,23 +171,10 @@ def _keys_to_claim(heads: list[Head]) -> list[Head]:
     if not keyed:
         return heads
     with connection.cursor() as cursor:
-        cursor.execute(
-            _KEY_LOCKS_SQL,
-            [
-                [pk for pk, _, _ in keyed],
-                [destination for _, destination, _ in keyed],
-                [key for _, _, key in keyed],
-            ],
-        )
+        cursor.execute(_KEY_LOCKS_SQL, list(_columns(keyed)))
         locked = {pk for (pk,) in cursor.fetchall()}
         owned = [head for head in keyed if head[0] in locked]
-        cursor.execute(
-            _KEYS_SENDING_SQL,
-            [
-                [destination for _, destination, _ in owned],
-                [key for _, _, key in owned],
-            ],
-        )
+        cursor.execute(_KEYS_SENDING_SQL, list(_columns(owned)[1:]))
         sending = set(cursor.fetchall())
     free = {head[0] for head in owned if (head[1], head[2]) not in sending}
     return [head for head in heads if not head[2] or head[0] in free]
@@ -267,9 +265,7 @@ def _lines(heads: list[Head], size: int) -> list[list[LineEntry]]:
             cursor.execute(
                 _LINES_SQL,
                 [
-                    [pk for pk, _, _ in heads],
-                    [destination for _, destination, _ in heads],
-                    [key for _, _, key in heads],
+                    *_columns(heads),
                     unfinished,
                     size,
                 ],

@@ -126,9 +126,10 @@ TEMPLATES = [
     },
 ]
 
+# An empty DATABASE_URL means the default, as an unset one does.
 DATABASES = {
-    "default": env.db(
-        "DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'portal.sqlite3'}"
+    "default": env.db_url_config(
+        env.str("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'portal.sqlite3'}"
     ),
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

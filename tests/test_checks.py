@@ -98,6 +98,34 @@ def test_manage_check_exits_nonzero_without_keys() -> None:
     assert "destinations.E001" in result.stderr
 
 
+def test_empty_database_url_uses_default() -> None:
+    environment = {
+        **os.environ,
+        "ENV_FILE": "",
+        "DATABASE_URL": "",
+        "ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+    }
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
+            "from django.db import connection; print(connection.vendor)",
+        ],
+        cwd=PROJECT_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    # The last line: Django's shell first reports the objects it imported.
+    assert result.stdout.strip().splitlines()[-1] == "sqlite"
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

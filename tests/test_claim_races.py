@@ -86,6 +86,34 @@ def test_run_sent_in_database_order(
 # A replay during a claim.
 
 
+class Claims:
+    """Claims run in threads named after their worker, each on its own database
+    connection; their claimed event ids and errors, by worker."""
+
+    def __init__(self) -> None:
+        self.claimed: dict[str, list[str]] = {}
+        self.errors: list[str] = []
+        self.threads: list[threading.Thread] = []
+
+    def start(self, worker: str) -> None:
+        thread = threading.Thread(target=self._claim, args=(worker,), name=worker)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self, timeout: float) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _claim(self, worker: str) -> None:
+        try:
+            claimed = engine.claim(worker, 10)
+            self.claimed[worker] = [delivery.event_id for delivery in claimed]
+        except Exception as error:
+            self.errors.append(f"{worker}: {type(error).__name__}: {error}")
+        finally:
+            connection.close()
+
+
 @needs_postgresql
 @pytest.mark.django_db(transaction=True)
 def test_replay_during_claim_one_owner(
@@ -119,35 +147,23 @@ def test_replay_during_claim_one_owner(
         return real_with_runs(heads, now, limit)
 
     monkeypatch.setattr(claiming, "_with_runs", with_runs)
-    claimed: dict[str, list[str]] = {}
-    errors: list[Exception] = []
+    claims = Claims()
 
-    def claim(worker: str) -> None:
-        try:
-            claimed[worker] = [d.event_id for d in engine.claim(worker, 10)]
-        except Exception as error:
-            errors.append(error)
-        finally:
-            connection.close()
-
-    a = threading.Thread(target=claim, args=("A",), name="A")
-    a.start()
+    claims.start("A")
     assert first_locked.wait(10)
     # Staff replay the key's first three events while A's claim is open.
     replay(destination, BASE_TIME, BASE_TIME + timedelta(seconds=4))
-    b = threading.Thread(target=claim, args=("B",), name="B")
-    b.start()
+    claims.start("B")
     time.sleep(1.0)  # B locks e1 and waits for A's lock on e6.
     go_on.set()
-    a.join(10)
-    b.join(10)
+    claims.join(10)
 
-    assert errors == []
+    assert claims.errors == []
     sending = Delivery.objects.filter(
         destination=destination, ordering_key=KEY, status=DeliveryStatus.SENDING
     )
     owners = set(sending.values_list("claimed_by", flat=True))
-    assert len(owners) <= 1, f"one key claimed by {sorted(owners)}: {claimed}"
+    assert len(owners) <= 1, f"one key claimed by {sorted(owners)}: {claims.claimed}"
 
 
 @needs_postgresql
@@ -179,30 +195,18 @@ def test_replay_during_claim_no_deadlock(
         return found
 
     monkeypatch.setattr(claiming, "_lines", lines)
-    claimed: dict[str, list[str]] = {}
-    errors: list[str] = []
+    claims = Claims()
 
-    def claim(worker: str) -> None:
-        try:
-            claimed[worker] = [d.event_id for d in engine.claim(worker, 10)]
-        except Exception as error:
-            errors.append(f"{worker}: {type(error).__name__}: {error}")
-        finally:
-            connection.close()
-
-    a = threading.Thread(target=claim, args=("A",), name="A")
-    a.start()
+    claims.start("A")
     assert line_read.wait(10)
     replay(destination, BASE_TIME, BASE_TIME + timedelta(seconds=3))
-    b = threading.Thread(target=claim, args=("B",), name="B")
-    b.start()
+    claims.start("B")
     time.sleep(1.0)  # B locks e1, then e7, and waits for A's lock on e6.
     go_on.set()
-    a.join(15)
-    b.join(15)
+    claims.join(15)
 
-    assert errors == []
-    assert sorted(claimed) == ["A", "B"]
+    assert claims.errors == []
+    assert sorted(claims.claimed) == ["A", "B"]
     sending = Delivery.objects.filter(
         destination=destination, ordering_key=KEY, status=DeliveryStatus.SENDING
     )

@@ -115,6 +115,50 @@ def deliver(delivery: Delivery) -> Attempt:
     return attempts[0]
 
 
+def send_recording_batches(
+    destination: Destination, messages: list[OutgoingMessage]
+) -> tuple[list[Result], list[list[dict[str, Any]]]]:
+    """Send with the transport; return its results and the entries of each
+    SendMessageBatch call it made, read from botocore's request parameters."""
+    client = sqs_module._client(
+        sqs_module._Identity.for_stage(destination.stage), queue_region(destination)
+    )
+    calls: list[list[dict[str, Any]]] = []
+
+    def record_call(params: dict[str, Any], **_: Any) -> None:
+        calls.append(list(params["Entries"]))
+
+    event = "provide-client-params.sqs.SendMessageBatch"
+    client.meta.events.register(event, record_call)
+    try:
+        results = SqsTransport(destination).send(messages)
+    finally:
+        client.meta.events.unregister(event, record_call)
+    return results, calls
+
+
+@pytest.fixture
+def unreachable_destination(
+    settings: Settings, application: Application
+) -> Destination:
+    """A TEST destination whose stage sends to a port nothing listens on."""
+    identity = {
+        "aws_access_key_id": FAKE_ACCESS_KEY_ID,
+        "aws_secret_access_key": FAKE_SECRET_ACCESS_KEY,
+        "aws_profile": "",
+        # Nothing listens there once free_port has closed its socket.
+        "sqs_endpoint_url": f"http://127.0.0.1:{free_port()}",
+    }
+    settings.STAGE_IDENTITIES = {"TEST": identity, "PROD": identity}
+    return Destination.objects.create(
+        application=application,
+        stage=Stage.TEST,
+        kind=Kind.SQS,
+        name="unreachable",
+        sqs_queue_url="https://sqs.eu-west-1.amazonaws.com/123456789012/unreachable",
+    )
+
+
 def outgoing(event_id: str, object_key: str, body: bytes) -> OutgoingMessage:
     return OutgoingMessage(
         event_id=event_id, event_type="ORDER_CREATED", object_key=object_key, body=body
@@ -310,23 +354,9 @@ def test_invalid_object_key_gets_hashed_group_id(
 
 
 def test_closed_port_is_transient_error(
-    settings: Settings, application: Application
+    unreachable_destination: Destination,
 ) -> None:
-    identity = {
-        "aws_access_key_id": FAKE_ACCESS_KEY_ID,
-        "aws_secret_access_key": FAKE_SECRET_ACCESS_KEY,
-        "aws_profile": "",
-        # Nothing listens there once free_port has closed its socket.
-        "sqs_endpoint_url": f"http://127.0.0.1:{free_port()}",
-    }
-    settings.STAGE_IDENTITIES = {"TEST": identity, "PROD": identity}
-    destination = Destination.objects.create(
-        application=application,
-        stage=Stage.TEST,
-        kind=Kind.SQS,
-        name="unreachable",
-        sqs_queue_url="https://sqs.eu-west-1.amazonaws.com/123456789012/unreachable",
-    )
+    destination = unreachable_destination
     delivery = publish(destination)
 
     attempt = deliver(delivery)
@@ -405,23 +435,8 @@ def test_fifo_calls_carry_one_entry_per_group(
         outgoing(f"evt-{n}", key, json.dumps({"n": n}).encode())
         for n, key in enumerate(keys)
     ]
-    client = sqs_module._client(
-        sqs_module._Identity.for_stage(destination.stage), queue_region(destination)
-    )
-    calls: list[list[str]] = []
-
-    def record_call(params: dict[str, Any], **_: Any) -> None:
-        calls.append([entry["MessageGroupId"] for entry in params["Entries"]])
-
-    client.meta.events.register(
-        "provide-client-params.sqs.SendMessageBatch", record_call
-    )
-    try:
-        results = SqsTransport(destination).send(messages)
-    finally:
-        client.meta.events.unregister(
-            "provide-client-params.sqs.SendMessageBatch", record_call
-        )
+    results, batch_calls = send_recording_batches(destination, messages)
+    calls = [[entry["MessageGroupId"] for entry in call] for call in batch_calls]
 
     assert all(isinstance(result, Sent) for result in results)
     assert calls == [
@@ -487,39 +502,11 @@ def test_whole_call_failure_stops_all() -> None:
     assert by_group.not_sent == {10: outage}
 
 
-def test_outage_stops_standard_send(
-    settings: Settings, application: Application
-) -> None:
-    identity = {
-        "aws_access_key_id": FAKE_ACCESS_KEY_ID,
-        "aws_secret_access_key": FAKE_SECRET_ACCESS_KEY,
-        "aws_profile": "",
-        # Nothing listens there once free_port has closed its socket.
-        "sqs_endpoint_url": f"http://127.0.0.1:{free_port()}",
-    }
-    settings.STAGE_IDENTITIES = {"TEST": identity, "PROD": identity}
-    destination = Destination.objects.create(
-        application=application,
-        stage=Stage.TEST,
-        kind=Kind.SQS,
-        name="unreachable",
-        sqs_queue_url="https://sqs.eu-west-1.amazonaws.com/123456789012/unreachable",
-    )
+def test_outage_stops_standard_send(unreachable_destination: Destination) -> None:
     messages = [outgoing(f"evt-{n}", f"order-{n}", b"{}") for n in range(25)]
-    client = sqs_module._client(
-        sqs_module._Identity.for_stage(destination.stage), queue_region(destination)
-    )
-    calls: list[int] = []
 
-    def record_call(params: dict[str, Any], **_: Any) -> None:
-        calls.append(len(params["Entries"]))
-
-    event = "provide-client-params.sqs.SendMessageBatch"
-    client.meta.events.register(event, record_call)
-    try:
-        results = SqsTransport(destination).send(messages)
-    finally:
-        client.meta.events.unregister(event, record_call)
+    results, batch_calls = send_recording_batches(unreachable_destination, messages)
+    calls = [len(call) for call in batch_calls]
 
     # Three calls of up to 10 would be needed; the first one's outage ends the send.
     assert calls == [10]
