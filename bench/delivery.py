@@ -378,6 +378,13 @@ class Peers:
             **pubsub_environment(self.pubsub.endpoint),
         }
 
+    def pid(self, kind: str) -> int | None:
+        """Return the process id of `kind`'s peer, None if it runs in this one."""
+        if kind == "servicebus":
+            return self.servicebus.process.pid
+        process = self.sqs._process if kind == "sqs" else self.pubsub._process
+        return process.pid if process is not None else None
+
     def stop(self) -> None:
         for stop in (self.servicebus.stop, self.pubsub.stop, self.sqs.stop):
             with contextlib.suppress(Exception):
@@ -871,6 +878,42 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu_seconds() -> float:
+    """Return the CPU time of all PostgreSQL server processes on this machine, the
+    benchmark's connections among them."""
+    total = 0.0
+    for path in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if path.joinpath("comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(path.name))
+    return total
+
+
+class CpuMeter:
+    """The CPU time that the peer of one kind and PostgreSQL spend during a run."""
+
+    def __init__(self, peers: Peers, kind: str) -> None:
+        self.peer_pid = peers.pid(kind)
+        self.peer_start = self._peer()
+        self.postgres_start = postgres_cpu_seconds()
+
+    def _peer(self) -> float:
+        return cpu_seconds(self.peer_pid) if self.peer_pid is not None else 0.0
+
+    def per_event(self, events: int) -> dict[str, float]:
+        """Return the CPU milliseconds per event since the meter started."""
+        figures = {
+            "postgres_cpu_ms_per_event": per_event_ms(
+                postgres_cpu_seconds() - self.postgres_start, events
+            )
+        }
+        if self.peer_pid is not None:
+            figures["peer_cpu_ms_per_event"] = per_event_ms(
+                self._peer() - self.peer_start, events
+            )
+        return figures
+
+
 def worker_environment(
     peers: Peers, encryption_key: str, settings_module: str
 ) -> dict[str, str]:
@@ -1090,6 +1133,7 @@ def raw_throughput(context: Context, kind: str, phase: str) -> dict[str, Any]:
     client = raw_client(target, context.peers)
     try:
         client.send_all(warm)
+        meter = CpuMeter(context.peers, kind)
         cpu_start = time.process_time()
         start = time.time()
         if phase == RAW_PER_KEY:
@@ -1101,6 +1145,7 @@ def raw_throughput(context: Context, kind: str, phase: str) -> dict[str, Any]:
             client.send_all(messages)
         acknowledged = time.time()
         cpu = time.process_time() - cpu_start
+        other_cpu = meter.per_event(len(messages))
     finally:
         client.close()
 
@@ -1117,6 +1162,7 @@ def raw_throughput(context: Context, kind: str, phase: str) -> dict[str, Any]:
         if source == "peer"
         else "last acknowledgement",
         "client_cpu_ms_per_event": per_event_ms(cpu, len(messages)),
+        **other_cpu,
     }
 
 
@@ -1133,6 +1179,7 @@ def pipeline_throughput(context: Context, kind: str) -> dict[str, Any]:
     reader = start_reader(target, context.peers)
     warm_up_pipeline(target, application, context.run_id, context.worker)
     worker_cpu_start = context.worker.cpu_seconds()
+    meter = CpuMeter(context.peers, kind)
     publisher_cpu_start = time.process_time()
     commits: list[float] = []
     for batch in chunks(envelopes, context.options.batch_size):
@@ -1140,6 +1187,7 @@ def pipeline_throughput(context: Context, kind: str) -> dict[str, Any]:
     publisher_cpu = time.process_time() - publisher_cpu_start
     wait_delivered(target, prefix, len(envelopes), context.worker)
     worker_cpu = context.worker.cpu_seconds() - worker_cpu_start
+    other_cpu = meter.per_event(len(messages))
 
     arrivals, source = arrival_times(reader, lambda: attempt_ends(target, prefix))
     require_all(arrivals, messages, f"the pipeline {kind} throughput run")
@@ -1164,6 +1212,7 @@ def pipeline_throughput(context: Context, kind: str) -> dict[str, Any]:
         else "last attempt's end (send acknowledged)",
         "publisher_cpu_ms_per_event": per_event_ms(publisher_cpu, len(messages)),
         "worker_cpu_ms_per_event": per_event_ms(worker_cpu, len(messages)),
+        **other_cpu,
         "worker": send_timeline(target, prefix),
     }
 

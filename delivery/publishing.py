@@ -15,7 +15,15 @@ from functools import partial
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Model
+from django.db.models import (
+    BooleanField,
+    CharField,
+    DateTimeField,
+    ForeignKey,
+    IntegerField,
+    Model,
+    TextField,
+)
 from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -214,24 +222,29 @@ def publish_many(
         fresh = [envelope for envelope in unique.values() if envelope.id not in known]
         result.duplicates += len(known) - len(result.conflicts)
         result.recorded = len(fresh)
-        events = [_event(application, stage, envelope) for envelope in fresh]
+        now = timezone.now()
+        events = [_event(application, stage, envelope, now) for envelope in fresh]
         deliveries = [
-            _delivery(envelope, destination)
+            _delivery(envelope, destination, now)
             for envelope in fresh
             for destination in destinations
         ]
         _insert(events, deliveries)
         result.deliveries = len(deliveries)
         result.held = sum(
-            delivery.status == DeliveryStatus.HELD for delivery in deliveries
+            delivery["status"] == DeliveryStatus.HELD for delivery in deliveries
         )
         if deliveries:
             transaction.on_commit(partial(wake_workers, len(deliveries)))
     return result
 
 
-def _insert(events: list[Event], deliveries: list[Delivery]) -> None:
-    """Insert new events and their deliveries.
+Row = dict[str, Any]
+
+
+def _insert(events: list[Row], deliveries: list[Row]) -> None:
+    """Insert new events and their deliveries, given as column values by field
+    attname.
 
     On PostgreSQL, COPY takes the rows in a fraction of the time an INSERT of many
     rows needs. It fails whole on a duplicate key. Known ids were left out, so only a
@@ -242,8 +255,8 @@ def _insert(events: list[Event], deliveries: list[Delivery]) -> None:
     if connection.vendor == "postgresql":
         try:
             with transaction.atomic():
-                copy_rows(events)
-                copy_rows(deliveries)
+                copy_rows(Event, events)
+                copy_rows(Delivery, deliveries)
             return
         except IntegrityError:
             logger.info(
@@ -251,24 +264,42 @@ def _insert(events: list[Event], deliveries: list[Delivery]) -> None:
                 "inserting %d events with ON CONFLICT DO NOTHING",
                 len(events),
             )
-    Event.objects.bulk_create(events, ignore_conflicts=True)
-    Delivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+    Event.objects.bulk_create([Event(**row) for row in events], ignore_conflicts=True)
+    Delivery.objects.bulk_create(
+        [Delivery(**row) for row in deliveries], ignore_conflicts=True
+    )
 
 
-def copy_rows(objects: Sequence[Model]) -> None:
-    """Insert unsaved `objects` of one model with PostgreSQL's COPY, as save()
-    would store them; an auto-increment primary key is left to the database."""
-    if not objects:
+# Fields whose values go to psycopg as they are: strings, numbers, booleans, keys
+# and aware datetimes need no conversion by Django.
+_PLAIN_FIELDS = (CharField, TextField, BooleanField, IntegerField, DateTimeField)
+
+
+def copy_rows(model: type[Model], rows: Sequence[Row]) -> None:
+    """Insert `rows` of `model` with PostgreSQL's COPY. Each row maps every
+    concrete field's attname, except an auto-increment primary key, to its value."""
+    if not rows:
         return
-    meta = type(objects[0])._meta
     fields = [
         field
-        for field in meta.concrete_fields
+        for field in model._meta.concrete_fields
         if not (field.primary_key and isinstance(field, AutoFieldMixin))
+    ]
+    names = [field.attname for field in fields]
+    if set(rows[0]) != set(names):
+        raise ValueError(
+            f"Rows for {model.__name__} must give exactly the fields {sorted(names)}, "
+            f"not {sorted(rows[0])}."
+        )
+    prepared = [
+        (field.attname, None)
+        if isinstance(field, (*_PLAIN_FIELDS, ForeignKey))
+        else (field.attname, partial(field.get_db_prep_save, connection=connection))
+        for field in fields
     ]
     quote = connection.ops.quote_name
     columns = ", ".join(quote(str(field.column)) for field in fields)
-    statement = f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN"
+    statement = f"COPY {quote(model._meta.db_table)} ({columns}) FROM STDIN"
     # COPY bypasses Django's cursor wrapper, which turns driver errors into
     # Django's (IntegrityError and the rest).
     with (
@@ -276,37 +307,46 @@ def copy_rows(objects: Sequence[Model]) -> None:
         connection.cursor() as cursor,
         cursor.copy(statement) as copy,
     ):
-        for obj in objects:
+        for row in rows:
             copy.write_row(
                 [
-                    field.get_db_prep_save(field.pre_save(obj, True), connection)
-                    for field in fields
+                    row[name] if prepare is None else prepare(row[name])
+                    for name, prepare in prepared
                 ]
             )
 
 
-def _event(application: Application, stage: str, envelope: Envelope) -> Event:
-    return Event(
-        id=envelope.id,
-        application=application,
-        stage=stage,
-        type=envelope.type,
-        object_key=envelope.object_key,
-        time=envelope.time,
-        data=envelope.data,
-        envelope_json=envelope.raw,
-    )
+def _event(
+    application: Application, stage: str, envelope: Envelope, now: datetime
+) -> Row:
+    return {
+        "id": envelope.id,
+        "application_id": application.pk,
+        "stage": stage,
+        "type": envelope.type,
+        "object_key": envelope.object_key,
+        "time": envelope.time,
+        "data": envelope.data,
+        "envelope_json": envelope.raw,
+        "is_test": False,
+        "recorded_at": now,
+    }
 
 
-def _delivery(envelope: Envelope, destination: Destination) -> Delivery:
-    now = timezone.now()
+def _delivery(envelope: Envelope, destination: Destination, now: datetime) -> Row:
     held = destination.holds_deliveries
-    return Delivery(
-        event_id=envelope.id,
-        destination=destination,
-        status=DeliveryStatus.HELD if held else DeliveryStatus.PENDING,
-        ordering_key=envelope.object_key if destination.is_ordered else "",
-        event_time=envelope.time,
-        next_attempt_at=now,
-        scheduled_at=now,
-    )
+    return {
+        "event_id": envelope.id,
+        "destination_id": destination.pk,
+        "status": DeliveryStatus.HELD if held else DeliveryStatus.PENDING,
+        "ordering_key": envelope.object_key if destination.is_ordered else "",
+        "event_time": envelope.time,
+        "is_test": False,
+        "attempt_count": 0,
+        "next_attempt_at": now,
+        "scheduled_at": now,
+        "lease_expires_at": None,
+        "claimed_by": "",
+        "created_at": now,
+        "updated_at": now,
+    }

@@ -240,10 +240,10 @@ def test_concurrent_duplicate_is_skipped(
     second = parse_envelope(json.dumps(envelope(id="01jndgay2hjz1mv1tjv14z4gpr")))
     # Another publisher records the first event after this one checked for it.
     publish_many(application, Stage.PROD, [first])
-    events = [
-        publishing._event(application, Stage.PROD, item) for item in (first, second)
-    ]
-    deliveries = [publishing._delivery(item, destination) for item in (first, second)]
+    now = timezone.now()
+    both = (first, second)
+    events = [publishing._event(application, Stage.PROD, item, now) for item in both]
+    deliveries = [publishing._delivery(item, destination, now) for item in both]
 
     publishing._insert(events, deliveries)
 
@@ -481,3 +481,12 @@ def test_publish_events_names_non_utf8_line(
 
     assert "line 2: byte 1 is not UTF-8" in stderr.getvalue()
     assert Event.objects.count() == 2
+
+
+def test_copy_rows_names_missing_field() -> None:
+    row = {"event_id": "e-1", "destination_id": 1}
+
+    with pytest.raises(ValueError, match="must give exactly the fields") as raised:
+        publishing.copy_rows(Delivery, [row])
+
+    assert "'status'" in str(raised.value)
