@@ -5,6 +5,7 @@ A claim leases deliveries with FOR UPDATE SKIP LOCKED on PostgreSQL. On SQLite t
 project opens transactions with BEGIN IMMEDIATE, which serialises claims instead.
 """
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import takewhile
 from operator import itemgetter
@@ -64,8 +65,21 @@ def claimable(now: datetime) -> QuerySet[Delivery]:
     )
 
 
-def claim(worker: str, limit: int) -> list[Delivery]:
-    """Lease up to `limit` due deliveries to `worker` and return them.
+@dataclass(frozen=True)
+class Claim:
+    deliveries: list[Delivery]
+    # Whether due deliveries were left that another worker could take now.
+    left_work: bool
+
+
+def claim(worker: str, limit: int, share: int = 1) -> list[Delivery]:
+    """Lease up to `limit` due deliveries to `worker` and return them, as
+    `claim_round` describes."""
+    return claim_round(worker, limit, share).deliveries
+
+
+def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
+    """Lease up to `limit` due deliveries to `worker`.
 
     For a destination that keeps order, a delivery waits while one of the same
     ordering key with an earlier event (by time, then event id) is unfinished, so
@@ -80,6 +94,11 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     heads. Only the worker that locked a key's head claims deliveries behind it.
     SQLite ignores the clause, but this project opens SQLite transactions with BEGIN
     IMMEDIATE, which serialises claims between processes instead.
+
+    With `share` above 1, a claim that sees every due head (fewer than `limit`)
+    takes only that share of them, so that the other worker processes can send the
+    rest at the same time. Otherwise one claim could take every key in flight,
+    and no other worker could send anything until it recorded its results.
     """
     now = timezone.now()
     due = claimable(now).order_by("next_attempt_at", "pk")
@@ -87,10 +106,14 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     with transaction.atomic():
         locked = due.select_for_update(skip_locked=True, of=("self",))
         heads = list(locked.values_list("pk", "destination_id", "ordering_key")[:limit])
+        saw_all = len(heads) < limit
         if connection.vendor == "postgresql":
             heads = _keys_to_claim(heads)
         if not heads:
-            return []
+            return Claim([], left_work=False)
+        available = len(heads)
+        if share > 1 and saw_all:
+            heads = heads[: -(-available // share)]
         ids = _with_runs(heads, now, limit)
         Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.SENDING,
@@ -119,7 +142,8 @@ def claim(worker: str, limit: int) -> list[Delivery]:
     # ids, which may differ from Python's (a collation other than C).
     position = {pk: index for index, pk in enumerate(ids)}
     deliveries.sort(key=lambda delivery: position[delivery.pk])
-    return deliveries
+    taken = sum(1 for head in heads if head[0] in position)
+    return Claim(deliveries, left_work=not saw_all or taken < available)
 
 
 Head = tuple[int, int, str]

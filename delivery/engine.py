@@ -22,7 +22,7 @@ from django.utils import timezone
 from destinations.models import Destination
 
 from . import health
-from .claiming import claim, claimable
+from .claiming import claim, claim_round, claimable
 from .models import Attempt, Delivery, DeliveryStatus, Outcome
 from .retry import retry_deadline, retry_delay
 from .transports import Blame, Failure, OutgoingMessage, Result, Sent, transport_for
@@ -63,35 +63,43 @@ def deliver(delivery_id: int, worker: str | None = None) -> bool:
 def run_once(worker: str, limit: int | None = None) -> int:
     """Claim one batch of due deliveries, send it, and return how many were sent."""
     deliveries = claim(worker, limit or settings.DELIVERY_CLAIM_SIZE)
+    send_claimed(worker, deliveries)
+    return len(deliveries)
+
+
+def send_claimed(worker: str, deliveries: list[Delivery]) -> None:
+    """Send claimed deliveries, one transport call per destination."""
     # A stable sort keeps the claim's order within each destination, which is
     # each ordering key's order as the database compares event ids.
     deliveries.sort(key=lambda delivery: delivery.destination_id)
     for _, group in groupby(deliveries, key=lambda delivery: delivery.destination_id):
         send_batch(worker, list(group))
-    return len(deliveries)
 
 
 def drain(
     worker: str,
     budget_seconds: float,
     on_backlog: Callable[[], object] | None = None,
+    share: int = 1,
 ) -> bool:
     """Send due deliveries until none is left or the budget is spent.
 
-    The first round that claims a full DELIVERY_CLAIM_SIZE calls `on_backlog`
-    once, so the caller can wake another worker to claim the keys this one left.
+    Each round claims `share` of the due keys (see claim_round). The first round
+    that leaves due deliveries behind calls `on_backlog` once, before sending, so
+    the caller can wake another worker to send them meanwhile.
 
     Return True when work may be left, so the caller can queue another round and
     let other tasks of this worker run in between.
     """
     deadline = time.monotonic() + budget_seconds
     while time.monotonic() < deadline:
-        sent = run_once(worker)
-        if sent == 0:
+        claimed = claim_round(worker, settings.DELIVERY_CLAIM_SIZE, share)
+        if not claimed.deliveries:
             return False
-        if on_backlog is not None and sent >= settings.DELIVERY_CLAIM_SIZE:
+        if on_backlog is not None and claimed.left_work:
             on_backlog()
             on_backlog = None
+        send_claimed(worker, claimed.deliveries)
     return True
 
 

@@ -5,14 +5,30 @@ running one twice is harmless, because deliveries are claimed from the database.
 """
 
 import logging
+import os
 from functools import partial
+from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_init
 from django.conf import settings
 
 from . import engine, health
 
 logger = logging.getLogger(__name__)
+
+# The number of processes in this worker's pool, set when the worker starts: each
+# claim takes this share of the due keys, so that its siblings can send the rest.
+pool_size = 1
+
+
+@worker_init.connect
+def _remember_pool_size(sender: Any, **kwargs: Any) -> None:
+    global pool_size
+    concurrency = getattr(sender, "concurrency", None)
+    # "auto" is resolved later; the number of CPUs is what it resolves to unless
+    # a cgroup quota is lower.
+    pool_size = concurrency if isinstance(concurrency, int) else os.cpu_count() or 1
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -23,6 +39,7 @@ def send_due() -> None:
         engine.worker_name(),
         settings.DELIVERY_DRAIN_SECONDS,
         on_backlog=partial(wake_workers, 1),
+        share=pool_size,
     ):
         # Queue the next round instead of looping here, so one busy destination
         # cannot hold this worker process forever.

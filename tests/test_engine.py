@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from celery.signals import worker_init
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -425,6 +426,83 @@ def test_full_claim_wakes_one_worker(
     assert more is False
     assert len(woken) == calls
     assert len(transport.sent) == events
+
+
+def test_shared_claim_leaves_keys_to_siblings(fifo: Destination, settings: Any) -> None:
+    settings.DELIVERY_RUN_SIZE = 2
+    queue_events(
+        fifo, [("a1", KEY_A, 1), ("b1", KEY_B, 2), ("c1", KEY_C, 3), ("a2", KEY_A, 4)]
+    )
+
+    first = claiming.claim_round("worker-1", limit=10, share=2)
+    second = claiming.claim_round("worker-2", limit=10, share=2)
+
+    # Two of the three keys, whole and oldest first; the other worker takes the
+    # one left, which is all it can see.
+    assert claimed_ids(first.deliveries) == ["a1", "a2", "b1"]
+    assert first.left_work is True
+    assert claimed_ids(second.deliveries) == ["c1"]
+    assert second.left_work is False
+
+
+def test_shared_claim_of_backlog_fills_limit(standard: Destination) -> None:
+    queue_events(standard, [(f"e{n}", f"order-{n}", n) for n in range(5)])
+
+    claimed = claiming.claim_round("worker-1", limit=4, share=2)
+
+    # More are due than one claim takes, so there is no reason to take less.
+    assert len(claimed.deliveries) == 4
+    assert claimed.left_work is True
+
+
+def test_drain_wakes_sibling_before_sending(
+    fifo: Destination, transport: Script
+) -> None:
+    queue_events(fifo, [("a1", KEY_A, 1), ("b1", KEY_B, 2)])
+    sent_when_woken: list[int] = []
+
+    engine.drain(
+        "worker-1",
+        60.0,
+        on_backlog=lambda: sent_when_woken.append(len(transport.sent)),
+        share=2,
+    )
+
+    assert sent_when_woken == [0]
+    assert sorted(transport.sent) == ["a1", "b1"]
+
+
+@dataclass(frozen=True)
+class StartingWorker:
+    """What a worker_init receiver reads of Celery's WorkController."""
+
+    concurrency: int | str
+
+
+def test_worker_start_sets_claim_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "pool_size", 1)
+
+    worker_init.send(sender=StartingWorker(concurrency=3))
+    three = tasks.pool_size
+    worker_init.send(sender=StartingWorker(concurrency="auto"))
+
+    assert three == 3
+    assert tasks.pool_size == (os.cpu_count() or 1)
+
+
+def test_send_due_claims_pool_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "pool_size", 4)
+    calls: list[dict[str, Any]] = []
+
+    def drain(*arguments: Any, **options: Any) -> bool:
+        calls.append(options)
+        return False
+
+    monkeypatch.setattr(engine, "drain", drain)
+
+    tasks.send_due()
+
+    assert [options["share"] for options in calls] == [4]
 
 
 def test_unordered_claims_all_due_at_once(standard: Destination) -> None:
