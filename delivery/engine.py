@@ -25,6 +25,7 @@ from . import health
 from .claiming import claim, claim_round, claimable
 from .models import Attempt, Delivery, DeliveryStatus, Outcome
 from .retry import retry_deadline, retry_delay
+from .rows import Row, insert_rows
 from .transports import Blame, Failure, OutgoingMessage, Result, Sent, transport_for
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def record(
             claimed_by="",
             updated_at=now,
         )
-        Attempt.objects.bulk_create(attempts)
+        insert_rows(Attempt, attempts)
         if outcome_of_destination:
             health.apply(destination, outcome_of_destination, now)
 
@@ -289,24 +290,28 @@ def _claimed_by(worker: str, delivery_ids: list[int]) -> QuerySet[Delivery]:
 
 def _attempt(
     delivery: Delivery, result: Result, started_at: datetime, duration_ms: int
-) -> Attempt:
-    attempt = Attempt(
-        delivery_id=delivery.pk,
-        destination_id=delivery.destination_id,
-        is_test=delivery.is_test,
-        started_at=started_at,
-        duration_ms=duration_ms,
-    )
+) -> Row:
+    """Return the attempt that sent `delivery` with `result`, as a row."""
+    row: Row = {
+        "delivery_id": delivery.pk,
+        "destination_id": delivery.destination_id,
+        "is_test": delivery.is_test,
+        "started_at": started_at,
+        "duration_ms": duration_ms,
+        "outcome": Outcome.SUCCESS,
+        "error_kind": "",
+        "message": "",
+        "remote_message_id": "",
+    }
     if isinstance(result, Sent):
-        attempt.outcome = Outcome.SUCCESS
-        attempt.remote_message_id = result.remote_message_id
+        row["remote_message_id"] = result.remote_message_id
     else:
-        attempt.outcome = (
+        row["outcome"] = (
             Outcome.PERMANENT_ERROR if result.permanent else Outcome.TRANSIENT_ERROR
         )
-        attempt.error_kind = result.kind
-        attempt.message = result.message
-    return attempt
+        row["error_kind"] = result.kind
+        row["message"] = result.message
+    return row
 
 
 def _next_state(delivery: Delivery, result: Result, now: datetime) -> dict[str, object]:

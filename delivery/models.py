@@ -22,8 +22,9 @@ class Event(models.Model):
     """One change event of an application and stage, in the platform's envelope."""
 
     id = models.CharField(primary_key=True, max_length=64)
+    # Unindexed alone: the index on (application, stage, time) leads with it.
     application = models.ForeignKey(
-        Application, on_delete=models.CASCADE, related_name="events"
+        Application, on_delete=models.CASCADE, related_name="events", db_index=False
     )
     stage = models.CharField(max_length=4, choices=Stage.choices)
     type = models.CharField(max_length=100)
@@ -82,11 +83,17 @@ UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING, DeliveryStatus.HEL
 class Delivery(models.Model):
     """One event on its way to one destination."""
 
+    # Both keys are unindexed alone, because an index leads with each: the unique
+    # constraint with the event, and (destination, status). Every index costs a
+    # write at each status change, twice per delivery.
     event = models.ForeignKey(
-        Event, on_delete=models.CASCADE, related_name="deliveries"
+        Event, on_delete=models.CASCADE, related_name="deliveries", db_index=False
     )
     destination = models.ForeignKey(
-        Destination, on_delete=models.CASCADE, related_name="deliveries"
+        Destination,
+        on_delete=models.CASCADE,
+        related_name="deliveries",
+        db_index=False,
     )
     status = models.CharField(
         max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING
@@ -179,8 +186,9 @@ class AttemptQuerySet(models.QuerySet["Attempt"]):
 class Attempt(models.Model):
     """One try at sending a delivery, kept whatever its outcome."""
 
+    # Unindexed alone: the index on (delivery, -started_at) leads with it.
     delivery = models.ForeignKey(
-        Delivery, on_delete=models.CASCADE, related_name="attempts"
+        Delivery, on_delete=models.CASCADE, related_name="attempts", db_index=False
     )
     # Copies of the delivery's columns, so a destination's recent attempts are one
     # index range away instead of a join through its deliveries.

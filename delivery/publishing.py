@@ -8,23 +8,13 @@ and workers are woken only after commit.
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import (
-    BooleanField,
-    CharField,
-    DateTimeField,
-    ForeignKey,
-    IntegerField,
-    Model,
-    TextField,
-)
-from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -32,6 +22,7 @@ from destinations.models import Application, Destination, Stage
 
 from .models import Delivery, DeliveryStatus, Event
 from .object_keys import MissingField, object_key
+from .rows import Row, copy_rows
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +230,6 @@ def publish_many(
     return result
 
 
-Row = dict[str, Any]
-
-
 def _insert(events: list[Row], deliveries: list[Row]) -> None:
     """Insert new events and their deliveries, given as column values by field
     attname.
@@ -268,52 +256,6 @@ def _insert(events: list[Row], deliveries: list[Row]) -> None:
     Delivery.objects.bulk_create(
         [Delivery(**row) for row in deliveries], ignore_conflicts=True
     )
-
-
-# Fields whose values go to psycopg as they are: strings, numbers, booleans, keys
-# and aware datetimes need no conversion by Django.
-_PLAIN_FIELDS = (CharField, TextField, BooleanField, IntegerField, DateTimeField)
-
-
-def copy_rows(model: type[Model], rows: Sequence[Row]) -> None:
-    """Insert `rows` of `model` with PostgreSQL's COPY. Each row maps every
-    concrete field's attname, except an auto-increment primary key, to its value."""
-    if not rows:
-        return
-    fields = [
-        field
-        for field in model._meta.concrete_fields
-        if not (field.primary_key and isinstance(field, AutoFieldMixin))
-    ]
-    names = [field.attname for field in fields]
-    if set(rows[0]) != set(names):
-        raise ValueError(
-            f"Rows for {model.__name__} must give exactly the fields {sorted(names)}, "
-            f"not {sorted(rows[0])}."
-        )
-    prepared = [
-        (field.attname, None)
-        if isinstance(field, (*_PLAIN_FIELDS, ForeignKey))
-        else (field.attname, partial(field.get_db_prep_save, connection=connection))
-        for field in fields
-    ]
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(str(field.column)) for field in fields)
-    statement = f"COPY {quote(model._meta.db_table)} ({columns}) FROM STDIN"
-    # COPY bypasses Django's cursor wrapper, which turns driver errors into
-    # Django's (IntegrityError and the rest).
-    with (
-        connection.wrap_database_errors,
-        connection.cursor() as cursor,
-        cursor.copy(statement) as copy,
-    ):
-        for row in rows:
-            copy.write_row(
-                [
-                    row[name] if prepare is None else prepare(row[name])
-                    for name, prepare in prepared
-                ]
-            )
 
 
 def _event(

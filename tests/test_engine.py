@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from celery.signals import worker_init
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from delivery import claiming, engine, tasks
@@ -503,6 +504,23 @@ def test_send_due_claims_pool_share(monkeypatch: pytest.MonkeyPatch) -> None:
     tasks.send_due()
 
     assert [options["share"] for options in calls] == [4]
+
+
+def test_round_queries_do_not_grow_with_claim(
+    standard: Destination, transport: Script
+) -> None:
+    queries = []
+    for first, events in ((0, 25), (100, 50)):
+        queue_events(
+            standard, [(f"e{n}", f"order-{n}", n) for n in range(first, first + events)]
+        )
+        with CaptureQueriesContext(connection) as captured:
+            assert engine.run_once("worker-1") == events
+        queries.append(len(captured))
+
+    # Claiming, reading, sending and recording take the same queries for any
+    # number of deliveries: none reads a field of one delivery on its own.
+    assert queries[0] == queries[1]
 
 
 def test_unordered_claims_all_due_at_once(standard: Destination) -> None:

@@ -20,6 +20,7 @@ from django.utils import timezone
 from delivery import publishing
 from delivery.models import Delivery, DeliveryStatus, Event
 from delivery.publishing import InvalidEvent, parse_envelope, publish, publish_many
+from delivery.rows import insert_rows
 from destinations.models import Application, Destination, Stage
 
 from .conftest import TEST_ENCRYPTION_KEY, database_url
@@ -483,10 +484,10 @@ def test_publish_events_names_non_utf8_line(
     assert Event.objects.count() == 2
 
 
-def test_copy_rows_names_missing_field() -> None:
+def test_insert_rows_names_missing_field() -> None:
     row = {"event_id": "e-1", "destination_id": 1}
 
     with pytest.raises(ValueError, match="must give exactly the fields") as raised:
-        publishing.copy_rows(Delivery, [row])
+        insert_rows(Delivery, [row])
 
     assert "'status'" in str(raised.value)
