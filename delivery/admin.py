@@ -10,6 +10,8 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from portal.changelists import SafeChangeListMixin
+
 from . import bulk
 from .claiming import earlier_unfinished
 from .models import Attempt, BulkJob, Delivery, DeliveryStatus, Event
@@ -72,7 +74,9 @@ class RecentTypeFilter(admin.SimpleListFilter):
 
 
 @admin.register(Event)
-class EventAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
+class EventAdmin(
+    LargeTableAdminMixin, ReadOnlyMixin, SafeChangeListMixin, admin.ModelAdmin
+):
     list_display = ("id", "type", "object_key", "time", "application", "stage")
     # No date hierarchy: its year and month links read every event's time.
     list_filter = (
@@ -99,7 +103,9 @@ class EventAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(LargeTableAdminMixin, ReadOnlyMixin, admin.ModelAdmin):
+class DeliveryAdmin(
+    LargeTableAdminMixin, ReadOnlyMixin, SafeChangeListMixin, admin.ModelAdmin
+):
     list_display = (
         "event",
         "event_type",
@@ -185,7 +191,7 @@ def bulk_rows(job: BulkJob) -> list[bulk.Row]:
 
 
 @admin.register(BulkJob)
-class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class BulkJobAdmin(ReadOnlyMixin, SafeChangeListMixin, admin.ModelAdmin):
     """Bulk actions on destinations; a job's page shows its progress."""
 
     list_display = ("__str__", "created_by", "created_at", "done", "finished_at")

@@ -32,6 +32,7 @@ from delivery.summaries import (
     with_delivery_figures,
 )
 from delivery.testevents import send_test_event
+from portal.changelists import SafeChangeListMixin
 
 from .admin_checks import CheckAccessMixin
 from .admin_secrets import SecretsAdminMixin
@@ -49,7 +50,7 @@ from .models import Application, Destination, Kind, State
 
 
 @admin.register(Application)
-class ApplicationAdmin(admin.ModelAdmin):
+class ApplicationAdmin(SafeChangeListMixin, admin.ModelAdmin):
     list_display = ("name", "slug", "destination_count", "contact_emails")
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}
@@ -140,7 +141,11 @@ class ReplayForm(forms.Form):
 
 @admin.register(Destination)
 class DestinationAdmin(
-    SecretsAdminMixin, AuditMixin, CheckAccessMixin, admin.ModelAdmin
+    SecretsAdminMixin,
+    AuditMixin,
+    CheckAccessMixin,
+    SafeChangeListMixin,
+    admin.ModelAdmin,
 ):
     form = DestinationForm
     list_display = (

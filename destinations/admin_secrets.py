@@ -10,7 +10,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import messages
-from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
@@ -20,6 +19,7 @@ from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 
+from portal.changelists import SafeChangeList
 from portal.checks import check_encryption_keys
 
 from .audit import log_rotation
@@ -39,7 +39,7 @@ else:
 ROTATE_ACTION = "Rotate secrets"
 
 
-class SecretSafeChangeList(ChangeList):
+class SecretSafeChangeList(SafeChangeList):
     """A changelist whose `o=` parameter never orders by a secret column."""
 
     def get_ordering_field(self, field_name: Any) -> Any:
