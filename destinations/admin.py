@@ -25,6 +25,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 from delivery import bulk, health
 from delivery.models import Attempt, BulkJobKind, Delivery, DeliveryStatus, Outcome
 from delivery.replay import events_in_range, replay
+from delivery.status.forms import UtcDateTimeField, check_range
 from delivery.summaries import (
     attach,
     last_status,
@@ -121,21 +122,15 @@ class StateFilter(admin.SimpleListFilter):
 
 class ReplayForm(forms.Form):
     prefix = "replay"
-    start = forms.DateTimeField(
+    start = UtcDateTimeField(
         label="From (UTC)",
         help_text="Events at or after this time, e.g. 2025-03-03 08:00.",
     )
-    end = forms.DateTimeField(label="Until (UTC)", help_text="Events before this time.")
+    end = UtcDateTimeField(label="Until (UTC)", help_text="Events before this time.")
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
-        start, end = cleaned.get("start"), cleaned.get("end")
-        if start and end and start >= end:
-            self.add_error(
-                "end",
-                f"The end ({end:%Y-%m-%d %H:%M}) is not after the start "
-                f"({start:%Y-%m-%d %H:%M}). Choose an end after the start.",
-            )
+        check_range(self, cleaned.get("start"), cleaned.get("end"))
         return cleaned
 
 

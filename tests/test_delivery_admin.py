@@ -162,6 +162,30 @@ def test_replay_rejects_end_before_start(
     assert set(statuses().values()) == {DeliveryStatus.DELIVERED}
 
 
+@pytest.mark.parametrize("confirm", [{}, {"confirm": "yes"}], ids=["count", "confirm"])
+def test_replay_rejects_out_of_range_time(
+    admin_client: Client,
+    fifo: Destination,
+    delivered: dict[str, Delivery],
+    confirm: dict[str, str],
+) -> None:
+    start, end = "0001-01-01 00:00+01:00", "9999-12-31 23:59-01:00"
+
+    response = run_action(
+        admin_client,
+        DESTINATIONS_URL,
+        "replay_events",
+        [fifo],
+        **{"replay-start": start, "replay-end": end, **confirm},
+    )
+
+    assert response.status_code == 200
+    errors = response.context["form"].errors
+    assert repr(start) in errors["start"][0]
+    assert repr(end) in errors["end"][0]
+    assert set(statuses().values()) == {DeliveryStatus.DELIVERED}
+
+
 # Retrying failed deliveries.
 
 

@@ -871,6 +871,54 @@ def test_event_search_rejects_reversed_range(
     assert "is not after the start" in response.text
 
 
+# Times that leave the years 1 to 9999 once converted to UTC.
+OUT_OF_RANGE_TIMES = ["0001-01-01T00:00+01:00", "9999-12-31T23:59-01:00"]
+
+
+@pytest.mark.parametrize("field", ["start", "end"])
+@pytest.mark.parametrize("value", OUT_OF_RANGE_TIMES)
+def test_event_search_rejects_out_of_range_time(
+    developer_client: Client, shop: Application, field: str, value: str
+) -> None:
+    make_event(shop)
+
+    response = search(developer_client, shop, **{field: value})
+
+    assert response.status_code == 200
+    assert found_ids(response) == []
+    errors = response.context["form"].errors[field]
+    assert len(errors) == 1
+    assert repr(value) in errors[0]
+    assert "outside 0001-01-01 00:00 to 9999-12-31 23:59 UTC" in errors[0]
+
+
+def test_event_search_finds_first_and_last_years(
+    developer_client: Client, shop: Application
+) -> None:
+    first = make_event(shop, time=datetime(1, 1, 1, tzinfo=UTC))
+    last = make_event(shop, time=datetime(9999, 12, 31, 23, 58, tzinfo=UTC))
+
+    response = search(
+        developer_client, shop, start="0001-01-01T00:00", end="9999-12-31T23:59"
+    )
+
+    assert response.status_code == 200
+    assert found_ids(response) == [last.pk, first.pk]
+
+
+def test_event_search_rejects_unparsable_time(
+    developer_client: Client, shop: Application
+) -> None:
+    response = search(developer_client, shop, start="10000-01-01T00:00")
+
+    errors = response.context["form"].errors["start"]
+    assert response.status_code == 200
+    assert errors == [
+        "From (UTC): '10000-01-01T00:00' is not a date and time. Enter one such as "
+        "2025-03-03 08:00, in UTC."
+    ]
+
+
 def test_event_search_paginates(developer_client: Client, shop: Application) -> None:
     start = timezone.now() - timedelta(hours=1)
     for minute in range(51):
@@ -1046,6 +1094,50 @@ def test_replay_rejects_reversed_range(developer_client: Client, world: World) -
     assert response.status_code == 200
     assert "is not after the start" in response.text
     assert Replay.objects.count() == 1
+
+
+def test_replay_reversed_range_shows_four_digit_years(
+    developer_client: Client, world: World
+) -> None:
+    url = reverse("status:replay", args=[*scope_args(world), world.destination.pk])
+    form = {"start": "0002-01-01T00:00", "end": "0001-01-01T00:00"}
+
+    response = developer_client.post(url, form)
+
+    errors = response.context["form"].errors["end"]
+    assert errors == [
+        "The end (0001-01-01 00:00) is not after the start (0002-01-01 00:00). "
+        "Choose an end after the start."
+    ]
+
+
+@pytest.mark.parametrize("confirm", [{}, {"confirm": "yes"}], ids=["count", "confirm"])
+def test_replay_rejects_out_of_range_time(
+    developer_client: Client, world: World, confirm: dict[str, str]
+) -> None:
+    url = reverse("status:replay", args=[*scope_args(world), world.destination.pk])
+    form = {"start": OUT_OF_RANGE_TIMES[0], "end": OUT_OF_RANGE_TIMES[1], **confirm}
+
+    response = developer_client.post(url, form)
+
+    assert response.status_code == 200
+    errors = response.context["form"].errors
+    assert repr(OUT_OF_RANGE_TIMES[0]) in errors["start"][0]
+    assert repr(OUT_OF_RANGE_TIMES[1]) in errors["end"][0]
+    assert Replay.objects.count() == 1
+
+
+def test_replay_accepts_first_and_last_years(
+    developer_client: Client, world: World
+) -> None:
+    url = reverse("status:replay", args=[*scope_args(world), world.destination.pk])
+    form = {"start": "0001-01-01T00:00", "end": "9999-12-31T23:59", "confirm": "yes"}
+
+    response = developer_client.post(url, form, follow=True)
+
+    assert response.status_code == 200
+    assert response.context["progress"].total == 1
+    assert "0001-01-01 00:00 until 9999-12-31 23:59 UTC" in response.text
 
 
 # Notifications.

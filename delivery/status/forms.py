@@ -1,9 +1,10 @@
 """Forms of the status pages: event search, replay and notification choices."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from ..models import Event, NotificationPreference
@@ -19,18 +20,57 @@ class TimeInput(forms.DateTimeInput):
         super().__init__(attrs, format="%Y-%m-%dT%H:%M")
 
 
-def time_field(label: str, help_text: str, required: bool) -> forms.DateTimeField:
-    return forms.DateTimeField(
+class UtcDateTimeField(forms.DateTimeField):
+    """A date and time, converted to UTC, between the years 1 and 9999 in UTC.
+
+    Python's datetime supports no other years. A value with a UTC offset, such as
+    0001-01-01T00:00+01:00, can leave that range once converted. Comparing it with
+    a stored time then raises OverflowError, and PostgreSQL stores it as a time
+    that psycopg can no longer read.
+    """
+
+    def to_python(self, value: Any) -> datetime | None:
+        try:
+            parsed = super().to_python(value)
+        except ValidationError as error:
+            if error.code != "invalid":
+                raise
+            raise ValidationError(
+                f"{self.label}: {value!r} is not a date and time. Enter one such as "
+                "2025-03-03 08:00, in UTC.",
+                code="invalid",
+            ) from error
+        if parsed is None:
+            return None
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError as error:
+            raise ValidationError(
+                f"{self.label}: {value!r} is outside 0001-01-01 00:00 to 9999-12-31 "
+                "23:59 UTC once converted to UTC. Enter a time in that range, in UTC "
+                "and without an offset.",
+                code="out_of_range",
+            ) from error
+
+
+def time_field(label: str, help_text: str, required: bool) -> UtcDateTimeField:
+    return UtcDateTimeField(
         label=label, help_text=help_text, required=required, widget=TimeInput()
     )
+
+
+def minutes(value: datetime) -> str:
+    """Format `value` as 2025-03-03 08:00. On glibc, strftime's %Y drops the
+    leading zeros of years before 1000, but isoformat() keeps them."""
+    return value.replace(tzinfo=None).isoformat(sep=" ", timespec="minutes")
 
 
 def check_range(form: forms.Form, start: datetime | None, end: datetime | None) -> None:
     if start and end and start >= end:
         form.add_error(
             "end",
-            f"The end ({end:%Y-%m-%d %H:%M}) is not after the start "
-            f"({start:%Y-%m-%d %H:%M}). Choose an end after the start.",
+            f"The end ({minutes(end)}) is not after the start ({minutes(start)}). "
+            "Choose an end after the start.",
         )
 
 
