@@ -14,6 +14,7 @@ from portal.changelists import SafeChangeListMixin
 
 from . import bulk
 from .claiming import earlier_unfinished
+from .jsontext import readable_json
 from .models import Attempt, BulkJob, Delivery, DeliveryStatus, Event
 from .pagination import LargeTableAdminMixin
 from .replay import retry_failed
@@ -97,9 +98,15 @@ class EventAdmin(
         "time",
         "is_test",
         "recorded_at",
-        "data",
+        "event_data",
     )
+    # Shown by event_data instead, which escapes what a page cannot encode.
+    exclude = ("data",)
     inlines = (DeliveryInline,)
+
+    @admin.display(description="data")
+    def event_data(self, event: Event) -> str:
+        return readable_json(event.data)
 
 
 @admin.register(Delivery)

@@ -20,6 +20,7 @@ from django.utils.dateparse import parse_datetime
 
 from destinations.models import Application, Destination, Stage
 
+from .jsontext import invalid_text
 from .models import Delivery, DeliveryStatus, Event
 from .object_keys import MissingField, object_key
 from .rows import Row, copy_rows
@@ -88,6 +89,18 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
         raise InvalidEvent(
             f"The envelope is a JSON {type(envelope).__name__}, not an object. "
             'Publish {"id": ..., "time": ..., "type": ..., "data": {...}}.'
+        )
+    for path, value in invalid_text(envelope):
+        if "\x00" in value:
+            raise InvalidEvent(
+                f"{path} is {value!r:.80}, which contains a NUL character. No "
+                "destination accepts NUL in text. Remove it from the event."
+            )
+        raise InvalidEvent(
+            f"{path} is {value!r:.80}, which contains a lone surrogate (a \\ud800 "
+            "to \\udfff escape without its pair). UTF-8 cannot encode it, so no "
+            "destination can receive it. Send the character itself, or both "
+            "escapes of its surrogate pair, such as \\ud83d\\ude00."
         )
 
     event_id = _text(envelope, "id", MAX_ID_LENGTH)

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.contrib.messages import get_messages
+from django.db import connection
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
 from delivery import bulk
-from delivery.models import BulkJob, Delivery, DeliveryStatus
+from delivery.models import BulkJob, Delivery, DeliveryStatus, Event
 from destinations.models import Application, Destination, State
 
 from .delivery_doubles import (
@@ -184,6 +185,40 @@ def test_replay_rejects_out_of_range_time(
     assert repr(start) in errors["start"][0]
     assert repr(end) in errors["end"][0]
     assert set(statuses().values()) == {DeliveryStatus.DELIVERED}
+
+
+# Event pages.
+
+
+@pytest.mark.skipif(
+    connection.vendor == "postgresql",
+    reason="PostgreSQL's jsonb rejects lone surrogates, so no such event exists",
+)
+def test_event_page_escapes_stored_lone_surrogate(
+    admin_client: Client, delivered: dict[str, Delivery]
+) -> None:
+    # Recorded before publishing rejected lone surrogates: SQLite keeps the escape.
+    event = delivered["a1"].event
+    Event.objects.filter(pk=event.pk).update(data={"note": "a\ud800"})
+    url = reverse("admin:delivery_event_change", args=[event.pk])
+
+    response = admin_client.get(url)
+
+    assert response.status_code == 200
+    assert '{"note": "a\\ud800"}' in response.text.replace("&quot;", '"')
+
+
+def test_event_page_shows_data(
+    admin_client: Client, delivered: dict[str, Delivery]
+) -> None:
+    event = delivered["a1"].event
+    Event.objects.filter(pk=event.pk).update(data={"note": "café"})
+    url = reverse("admin:delivery_event_change", args=[event.pk])
+
+    response = admin_client.get(url)
+
+    assert response.status_code == 200
+    assert '{"note": "café"}' in response.text.replace("&quot;", '"')
 
 
 # Retrying failed deliveries.

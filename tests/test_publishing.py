@@ -434,6 +434,82 @@ def test_parse_rejects_hostile_envelope(text: str, expected: str) -> None:
         parse_envelope(text)
 
 
+# A high surrogate without its low one. json.dumps writes it as the escape \ud800,
+# which json.loads accepts.
+LONE_SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({**ACCEPT_DATA, "note": LONE_SURROGATE}, "data.note"),
+        (
+            {**ACCEPT_DATA, "lines": [{"sku": "a"}, {"sku": LONE_SURROGATE}]},
+            "data.lines[1].sku",
+        ),
+        ({**ACCEPT_DATA, "k" + LONE_SURROGATE: 1}, "a key of data"),
+        (
+            {**ACCEPT_DATA, "channel_order_id": "o" + LONE_SURROGATE},
+            "data.channel_order_id",
+        ),
+    ],
+    ids=["value", "nested", "key", "object-key"],
+)
+@pytest.mark.parametrize("as_text", [True, False], ids=["text", "dict"])
+def test_parse_rejects_lone_surrogate(
+    data: dict[str, Any], field: str, as_text: bool
+) -> None:
+    raw = envelope(data=data)
+
+    with pytest.raises(InvalidEvent) as error:
+        parse_envelope(json.dumps(raw) if as_text else raw)
+
+    message = str(error.value)
+    assert message.startswith(f"{field} is ")
+    assert "contains a lone surrogate" in message
+    assert "Send the character itself" in message
+    assert LONE_SURROGATE not in message
+
+
+def test_parse_rejects_lone_surrogate_in_type() -> None:
+    with pytest.raises(InvalidEvent, match=r"^type is 'A\\ud800', which contains"):
+        parse_envelope(envelope(type="A" + LONE_SURROGATE))
+
+
+def test_parse_keeps_surrogate_pair() -> None:
+    text = json.dumps(envelope(data={**ACCEPT_DATA, "note": "\U0001f600"}))
+
+    parsed = parse_envelope(text)
+
+    assert "\\ud83d\\ude00" in text
+    assert parsed.data["note"] == "\U0001f600"
+
+
+def test_parse_names_nul_in_dict_envelope() -> None:
+    with pytest.raises(
+        InvalidEvent, match=r"^data.note is 'a\\x00', which contains a NUL"
+    ):
+        parse_envelope(envelope(data={**ACCEPT_DATA, "note": "a\x00"}))
+
+
+def test_publish_events_reports_lone_surrogate(
+    application: Application, tmp_path: Path
+) -> None:
+    lines = stream_lines()
+    bad = json.dumps(envelope(data={**ACCEPT_DATA, "note": LONE_SURROGATE}))
+    path = tmp_path / "events.jsonl"
+    path.write_text(f"{lines[0]}\n{bad}\n", encoding="utf-8")
+    stderr = StringIO()
+
+    with pytest.raises(CommandError, match="1 line was invalid"):
+        run_publish_events(path, stdout=StringIO(), stderr=stderr)
+
+    assert "line 2: data.note is '\\ud800', which contains a lone" in stderr.getvalue()
+    assert list(Event.objects.values_list("id", flat=True)) == [
+        json.loads(lines[0])["id"]
+    ]
+
+
 def test_publish_rejects_unknown_stage(application: Application) -> None:
     with pytest.raises(ValueError, match="stage is 'test'"):
         publish(application, "test", json.dumps(envelope()))

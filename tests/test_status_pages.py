@@ -1,6 +1,7 @@
 """The app developers' status pages: who may see what, the numbers they show,
 and the actions they offer (test event, retry, replay, notifications)."""
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -943,6 +944,28 @@ def test_event_page_escapes_payload(
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in response.text
     assert "<script>alert(1)" not in response.text
     assert '"note": ' in response.text.replace("&quot;", '"')
+
+
+@pytest.mark.skipif(
+    connection.vendor == "postgresql",
+    reason="PostgreSQL's jsonb rejects lone surrogates, so no such event exists",
+)
+@pytest.mark.parametrize("published_text", [True, False], ids=["text", "no-text"])
+def test_event_page_escapes_stored_lone_surrogate(
+    developer_client: Client, shop: Application, published_text: bool
+) -> None:
+    # Recorded before publishing rejected lone surrogates: SQLite keeps the escape.
+    event = make_event(shop, data={"note": "a\ud800"})
+    if published_text:
+        Event.objects.filter(pk=event.pk).update(
+            envelope_json=json.dumps(event.envelope())
+        )
+    url = reverse("status:event", args=[shop.slug, Stage.TEST, event.pk])
+
+    response = developer_client.get(url)
+
+    assert response.status_code == 200
+    assert '"note": "a\\ud800"' in response.text.replace("&quot;", '"')
 
 
 def test_event_page_lists_every_attempt(

@@ -28,6 +28,7 @@ from django.views.decorators.http import require_POST
 from destinations.grants import grant_for
 from destinations.models import Application, Destination, Stage, State
 
+from ..jsontext import readable_json
 from ..models import (
     Delivery,
     DeliveryStatus,
@@ -239,7 +240,7 @@ def event_detail(request: HttpRequest, scope: Scope, event_id: str) -> HttpRespo
         scope,
         event=event,
         event_time=format_time(event.time),
-        payload=json.dumps(envelope or event.envelope(), indent=2, ensure_ascii=False),
+        payload=readable_json(envelope or event.envelope(), indent=2),
         deliveries=queries.event_deliveries(event),
     )
 
