@@ -24,6 +24,7 @@ from django.contrib.admin.models import CHANGE, LogEntry
 from django.db import models
 from django.http import HttpRequest
 
+from .access_keys import shown_key_name
 from .forms import SECRET_FIELDS
 from .masking import audited_fields, format_value, raw_value
 from .models import Destination
@@ -37,6 +38,7 @@ else:
 
 # Values longer than this are cut in the history, which is for reading, not restoring.
 MAX_VALUE_LENGTH = 300
+KEY_NAME_LABEL = str(Destination._meta.get_field("servicebus_key_name").verbose_name)
 _SNAPSHOT = "_audit_snapshot"
 
 Snapshot = dict[str, Any]
@@ -124,6 +126,12 @@ def _change_line(change: Change) -> str:
     field = change.get("field", "?")
     if change.get("secret"):
         return f"{field}: changed"
+    if field == KEY_NAME_LABEL:
+        # Entries written before key-like key names were masked contain them as text.
+        change = {
+            name: shown_key_name(value) if isinstance(value, str) else value
+            for name, value in change.items()
+        }
     if "note" in change:
         return f"{field}: {change['note']}"
     if "old" not in change:

@@ -12,12 +12,16 @@ from typing import Any
 from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 
+from .access_keys import shown_key_name
 from .forms import SECRET_FIELDS
 from .models import Destination
 
 # The text shown in place of a stored secret.
 SECRET_SET = "(set, hidden)"  # noqa: S105 (a marker, not a password)
 EMPTY = "(empty)"
+# A plain column, but a key pasted into SharedAccessKeyName ended up in it before
+# validation rejected that.
+KEY_NAME_FIELD = "servicebus_key_name"
 # Columns that only record when a row was written, not what staff configured.
 UNAUDITED_FIELDS = frozenset({"id", "created_at", "updated_at"})
 
@@ -43,6 +47,8 @@ def format_value(field: models.Field[Any, Any], value: Any) -> str:
     """Return one column's stored value as text for people, with no secret."""
     if field.name in SECRET_FIELDS:
         return SECRET_SET if value else EMPTY
+    if field.name == KEY_NAME_FIELD and isinstance(value, str):
+        return shown_key_name(value) if value else EMPTY
     if value is None or value == "":
         return EMPTY
     if field.choices:

@@ -12,6 +12,7 @@ from django.core.validators import (
 from django.db import models, transaction
 
 from . import encryption
+from .access_keys import shown_key_name
 from .encryption import EncryptedTextField
 
 
@@ -382,6 +383,6 @@ class Destination(models.Model):
             return ""
         return (
             f"{self.servicebus_namespace} {self.servicebus_entity_type} "
-            f"{self.servicebus_entity_name} (key {self.servicebus_key_name}, secret "
-            "hidden)"
+            f"{self.servicebus_entity_name} "
+            f"(key {shown_key_name(self.servicebus_key_name)}, secret hidden)"
         )

@@ -7,13 +7,19 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from django.contrib.admin.models import LogEntry
+from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 from pytest_django import Settings
 
+from delivery.peers.sqs import free_port
+from delivery.transports import transport_for
+from destinations import encryption
+from destinations.access_keys import HIDDEN_KEY_NAME
 from destinations.admin import DestinationAdmin
+from destinations.audit import audit_message
+from destinations.export import rows
 from destinations.forms import SECRET_FIELDS
 from destinations.masking import (
     EMPTY,
@@ -241,6 +247,118 @@ def test_masked_summary_has_no_secret(servicebus: Destination) -> None:
     assert SHARED_ACCESS_KEY not in text
     assert CONNECTION_STRING not in text
     assert token not in text
+
+
+# A key stored as the key name, which validation accepted before it rejected that.
+
+
+@pytest.fixture
+def key_as_key_name(servicebus: Destination) -> Destination:
+    """`servicebus` with its key pasted into SharedAccessKeyName, as stored before
+    validation rejected such a connection string."""
+    text = CONNECTION_STRING.replace("platform-send", SHARED_ACCESS_KEY)
+    Destination.objects.filter(pk=servicebus.pk).update(
+        servicebus_key_name=SHARED_ACCESS_KEY,
+        servicebus_connection_string=encryption.encrypt(text),
+    )
+    servicebus.refresh_from_db()
+    return servicebus
+
+
+def test_key_as_key_name_hidden_in_summary(key_as_key_name: Destination) -> None:
+    summary = key_as_key_name.servicebus_summary
+
+    assert f"(key {HIDDEN_KEY_NAME}, secret hidden)" in summary
+    assert SHARED_ACCESS_KEY not in summary
+    assert SHARED_ACCESS_KEY not in key_as_key_name.target
+
+
+def test_key_as_key_name_hidden_in_masked_value(
+    key_as_key_name: Destination,
+) -> None:
+    assert masked_value(key_as_key_name, "servicebus_key_name") == HIDDEN_KEY_NAME
+
+
+@pytest.mark.parametrize("page", ["change", "changelist", "status"])
+def test_key_as_key_name_hidden_on_page(
+    admin_client: Client, key_as_key_name: Destination, page: str
+) -> None:
+    urls = {
+        "change": reverse(
+            "admin:destinations_destination_change", args=[key_as_key_name.pk]
+        ),
+        "changelist": CHANGELIST_URL,
+        "status": reverse(
+            "status:destination",
+            args=[
+                key_as_key_name.application.slug,
+                key_as_key_name.stage,
+                key_as_key_name.pk,
+            ],
+        ),
+    }
+
+    response = admin_client.get(urls[page])
+
+    assert response.status_code == 200
+    assert HIDDEN_KEY_NAME in response.text
+    assert SHARED_ACCESS_KEY not in response.text
+    assert SHARED_ACCESS_KEY.rstrip("=") not in response.text
+
+
+def test_key_as_key_name_hidden_in_export(key_as_key_name: Destination) -> None:
+    text = "".join(rows(Destination.objects.all()))
+
+    assert HIDDEN_KEY_NAME in text
+    assert SHARED_ACCESS_KEY not in text
+
+
+def test_key_as_key_name_hidden_in_history(
+    admin_client: Client, admin_user: User, key_as_key_name: Destination
+) -> None:
+    # A history entry written when the key was stored, before values were masked.
+    change = {
+        "field": "shared access key name",
+        "old": "send",
+        "new": SHARED_ACCESS_KEY,
+    }
+    LogEntry.objects.log_actions(
+        user_id=admin_user.pk,
+        queryset=Destination.objects.filter(pk=key_as_key_name.pk),
+        action_flag=CHANGE,
+        change_message=audit_message([change]),
+    )
+    url = reverse("admin:destinations_destination_history", args=[key_as_key_name.pk])
+
+    response = admin_client.get(url)
+
+    assert response.status_code == 200
+    assert f"shared access key name: send → {HIDDEN_KEY_NAME}" in response.text
+    assert SHARED_ACCESS_KEY not in response.text
+
+
+def test_key_as_key_name_hidden_in_check(key_as_key_name: Destination) -> None:
+    # A local endpoint with no listener, so that a check which got past parsing
+    # would fail on 127.0.0.1 instead of reaching a cloud.
+    text = (
+        f"Endpoint=sb://127.0.0.1:{free_port()}/;SharedAccessKeyName="
+        f"{SHARED_ACCESS_KEY};SharedAccessKey={SHARED_ACCESS_KEY};"
+        "UseDevelopmentEmulator=true"
+    )
+    Destination.objects.filter(pk=key_as_key_name.pk).update(
+        servicebus_connection_string=encryption.encrypt(text)
+    )
+    key_as_key_name.refresh_from_db()
+    transport = transport_for(key_as_key_name)
+    assert transport is not None
+
+    result = transport.check()
+
+    assert not result.ok
+    assert result.failure is not None
+    assert result.failure.kind == "invalid_connection_string"
+    assert "SharedAccessKeyName (not shown) looks like a key" in result.failure.message
+    assert SHARED_ACCESS_KEY.rstrip("=") not in result.failure.message
 
 
 # Error pages.

@@ -1,6 +1,7 @@
 """Validation and normalisation of each destination kind's configuration on save."""
 
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -1355,6 +1356,14 @@ LEAKY_CONNECTION_STRINGS = [
         f"Endpoint=sb://short.servicebus.windows.net/;{CREDENTIALS};EntityPath=#",
         id="bad-namespace-and-entity-path",
     ),
+    pytest.param(
+        f"{ENDPOINT};SharedAccessKeyName={SHARED_ACCESS_KEY};SharedAccessKey=x",
+        id="key-as-key-name",
+    ),
+    pytest.param(
+        f"{ENDPOINT};SharedAccessKeyName={SHARED_ACCESS_KEY.rstrip('=')}",
+        id="unpadded-key-as-key-name-without-key",
+    ),
 ]
 
 
@@ -1371,6 +1380,78 @@ def test_error_messages_never_contain_secret(
     assert SHARED_ACCESS_KEY.rstrip("=").lower() not in messages.lower()
     assert SIGNATURE_VALUE not in messages
     assert text.strip() not in messages
+
+
+# A key as Azure generates it: 32 random bytes, 44 characters of base64.
+AZURE_SHAPED_KEY = "q1Z9/8F0mW3xV+2nL7bT4cY6hJ0kP5sR9uA3eD1gH2I="
+
+
+@pytest.mark.parametrize(
+    "key_name",
+    [
+        AZURE_SHAPED_KEY,
+        AZURE_SHAPED_KEY.rstrip("="),
+        "send " + AZURE_SHAPED_KEY,
+        "RootManageSharedAccessKey" * 2,
+    ],
+    ids=["key", "unpadded-key", "key-after-name", "long-policy-name"],
+)
+def test_key_name_like_key_rejected(key_name: str) -> None:
+    text = (
+        f"{ENDPOINT};SharedAccessKeyName={key_name};SharedAccessKey={SHARED_ACCESS_KEY}"
+    )
+
+    with pytest.raises(ValidationError) as caught:
+        parse_connection_string(text)
+
+    codes = [error.code for error in caught.value.error_list]
+    message = caught.value.messages[0]
+    assert codes == ["key_in_key_name"]
+    assert message.startswith("SharedAccessKeyName (not shown) looks like a key")
+    assert "SharedAccessKey." in message
+    assert key_name not in message
+    assert AZURE_SHAPED_KEY.rstrip("=") not in message
+
+
+def test_key_name_like_key_without_key_rejected() -> None:
+    text = f"{ENDPOINT};SharedAccessKeyName={AZURE_SHAPED_KEY.rstrip('=')}"
+
+    with pytest.raises(ValidationError) as caught:
+        parse_connection_string(text)
+
+    assert [error.code for error in caught.value.error_list] == ["key_in_key_name"]
+
+
+def test_signature_key_name_like_key_rejected() -> None:
+    # A token's fields are URL-encoded, so '+' and '/' arrive as %2B and %2F.
+    token = signature(FUTURE_EXPIRY).replace(
+        "skn=platform-send", f"skn={quote(AZURE_SHAPED_KEY, safe='')}"
+    )
+
+    with pytest.raises(ValidationError) as caught:
+        parse_connection_string(f"{ENDPOINT};SharedAccessSignature={token}")
+
+    assert [error.code for error in caught.value.error_list] == ["key_in_key_name"]
+    assert "q1Z9" not in caught.value.messages[0]
+
+
+@pytest.mark.parametrize(
+    "key_name",
+    [
+        "RootManageSharedAccessKey",
+        "a" * 42,
+        "platform-events-send-only-policy-for-partners-and-staff",
+    ],
+    ids=["default-policy", "42-letters", "long-name-with-hyphens"],
+)
+def test_key_name_shorter_than_key_accepted(key_name: str) -> None:
+    text = (
+        f"{ENDPOINT};SharedAccessKeyName={key_name};SharedAccessKey={SHARED_ACCESS_KEY}"
+    )
+
+    parsed = parse_connection_string(text)
+
+    assert parsed.key_name == key_name
 
 
 def test_long_connection_string_rejected_before_parsing() -> None:

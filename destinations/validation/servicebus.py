@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 
 from django.core.exceptions import ValidationError
 
+from ..access_keys import looks_like_key
 from ..models import Destination
 
 CLOUD_SUFFIXES = (
@@ -173,7 +174,7 @@ class _Parser:
 
     def shown(self, value: str) -> str:
         """Quote `value` for a message, unless it may contain a secret."""
-        if "=" in value or self.contains_secret(value):
+        if "=" in value or self.contains_secret(value) or looks_like_key(value):
             return "(not shown, because it seems to contain a key)"
         return repr(value)
 
@@ -398,7 +399,17 @@ class _Parser:
         }:
             return None, None, None
 
-        if signature is not None and (key_name is not None or key is not None):
+        if key_name and looks_like_key(key_name):
+            self.fail(
+                "SharedAccessKeyName (not shown) looks like a key, because it has 43 "
+                "or more base64 characters in a row, as a SharedAccessKey does. Put "
+                "the name of the shared access policy, such as "
+                "RootManageSharedAccessKey, in SharedAccessKeyName and its key in "
+                "SharedAccessKey. A policy name that long needs a '-', '.' or '_' "
+                f"among its letters and digits. {PORTAL_HINT}.",
+                "key_in_key_name",
+            )
+        elif signature is not None and (key_name is not None or key is not None):
             self.fail(
                 "The connection string has both SharedAccessSignature and "
                 "SharedAccessKeyName/SharedAccessKey. Keep only one of the two ways "
@@ -472,7 +483,16 @@ class _Parser:
                 "SharedAccessKeyName and SharedAccessKey, which do not expire.",
                 "expired_signature",
             )
-        return fields.get("skn")
+        key_name = fields.get("skn")
+        if key_name and looks_like_key(key_name):
+            self.fail(
+                "The SharedAccessSignature's key name (skn, not shown) looks like a "
+                "key, because it has 43 or more base64 characters in a row. Generate "
+                "a new token whose skn is the name of the shared access policy.",
+                "key_in_key_name",
+            )
+            return None
+        return key_name
 
     def read_entity_path(self) -> str | None:
         path = self.values.get("EntityPath")
