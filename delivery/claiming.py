@@ -13,6 +13,7 @@ from operator import itemgetter
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Window
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
@@ -39,6 +40,18 @@ SENT_FIELDS = (
     "event__time",
     "event__envelope_json",
 )
+
+
+def pk_in(ids: list[int]) -> Q:
+    """Return a filter on deliveries whose id is one of `ids`.
+
+    On PostgreSQL, the ids travel as one array parameter. As an IN list, each id is
+    a parameter of its own, which Django prepares and psycopg quotes into the query
+    one by one: for a claim of hundreds, that took longer than running the query.
+    """
+    if connection.vendor == "postgresql":
+        return Q(pk__in=RawSQL("SELECT unnest(%s::bigint[])", [ids]))
+    return Q(pk__in=ids)
 
 
 def earlier_unfinished() -> QuerySet[Delivery]:
@@ -132,7 +145,7 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
         if share > 1 and saw_all:
             heads = heads[: -(-available // share)]
         ids = _with_runs(heads, now, limit)
-        Delivery.objects.filter(pk__in=ids, status=DeliveryStatus.PENDING).update(
+        Delivery.objects.filter(pk_in(ids), status=DeliveryStatus.PENDING).update(
             status=DeliveryStatus.SENDING,
             lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
             claimed_by=worker,
@@ -140,7 +153,7 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
         )
 
     claimed = Delivery.objects.filter(
-        pk__in=ids, status=DeliveryStatus.SENDING, claimed_by=worker
+        pk_in(ids), status=DeliveryStatus.SENDING, claimed_by=worker
     )
     if len(ids) <= JOINED_DESTINATION_LIMIT:
         deliveries = list(
@@ -274,7 +287,7 @@ def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
         return [run[0] for run in runs]
     unchanged = set(
         Delivery.objects.filter(
-            pk__in=behind, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+            pk_in(behind), status=DeliveryStatus.PENDING, next_attempt_at__lte=now
         )
         # A row another claim holds ends the run, instead of waiting for it: a
         # staff replay can let two claims reach one key, and waiting could deadlock.

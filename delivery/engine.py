@@ -22,7 +22,7 @@ from django.utils import timezone
 from destinations.models import Destination
 
 from . import health
-from .claiming import claim, claim_round, claimable
+from .claiming import claim, claim_round, claimable, pk_in
 from .models import Attempt, Delivery, DeliveryStatus, Outcome
 from .retry import retry_deadline, retry_delay
 from .rows import Row, insert_rows
@@ -284,7 +284,7 @@ def _claimed_by(worker: str, delivery_ids: list[int]) -> QuerySet[Delivery]:
     lease expired and another worker took one over, that outcome is the other
     worker's to record."""
     return Delivery.objects.filter(
-        pk__in=delivery_ids, status=DeliveryStatus.SENDING, claimed_by=worker
+        pk_in(delivery_ids), status=DeliveryStatus.SENDING, claimed_by=worker
     )
 
 
