@@ -1,7 +1,7 @@
 """The delivery benchmark: each destination kind's raw client against the pipeline.
 
     .venv/bin/python -m bench.delivery [--events 2000] [--kinds sqs,pubsub,servicebus]
-        [--rate 50] [--seconds 20] [--workers 2] [--batch-size 100]
+        [--rate 50] [--seconds 20] [--workers 2] [--batch-size 100] [--repeat 3]
         [--worker-settings portal.settings]
 
 For each kind (an SQS FIFO queue on moto's server, a Pub/Sub topic with message
@@ -13,7 +13,9 @@ peer) it measures:
   `celery worker` sends them. The target is pipeline / raw >= 0.8. The client library
   also sends N events in the shape the engine gives an ordered destination's
   transport (one event per ordering key per call), which separates the cost of that
-  shape from the engine's own.
+  shape from the engine's own. Raw and pipeline runs take turns, --repeat times,
+  and the ratio compares their medians, because one run's rate can vary by half
+  between runs on a shared machine.
 - latency at a steady rate: the time from the commit of one event to its arrival at
   the peer, beside the client library sending one message at a time and waiting for
   the acknowledgement. The target is pipeline p50 <= raw p50 + 15 ms.
@@ -164,6 +166,7 @@ class Options:
     workers: int
     batch_size: int
     worker_settings: str
+    repeat: int = 3
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
@@ -210,6 +213,15 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         help="Events per publish_many commit in the throughput runs (default: 100).",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help=(
+            "Throughput runs per kind, raw and pipeline taking turns; the tables "
+            "show the median run of each (default: 3)."
+        ),
+    )
+    parser.add_argument(
         "--worker-settings",
         default="portal.settings",
         help=(
@@ -226,7 +238,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
             f"--kinds {arguments.kinds!r} names no kind or an unknown one "
             f"({', '.join(unknown) or 'empty'}). Choose from {', '.join(KINDS)}."
         )
-    for name in ("events", "workers", "batch_size"):
+    for name in ("events", "workers", "batch_size", "repeat"):
         if getattr(arguments, name) < 1:
             option = "--" + name.replace("_", "-")
             value = getattr(arguments, name)
@@ -243,6 +255,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         workers=arguments.workers,
         batch_size=arguments.batch_size,
         worker_settings=arguments.worker_settings,
+        repeat=arguments.repeat,
     )
 
 
@@ -1119,12 +1132,14 @@ def require_all(
         )
 
 
-def raw_throughput(context: Context, kind: str, phase: str) -> dict[str, Any]:
+def raw_throughput(
+    context: Context, kind: str, phase: str, repetition: int = 0
+) -> dict[str, Any]:
     """Send N events with the raw client: as one stream batched as the library
     allows (RAW_THROUGHPUT), or in calls of one event per ordering key, each
     acknowledged before the next starts (RAW_PER_KEY)."""
     target = context.targets[kind, phase]
-    prefix = event_prefix(context.run_id, kind, phase, MEASURED)
+    prefix = event_prefix(context.run_id, kind, phase, f"{MEASURED}{repetition}")
     messages = make_messages(prefix, context.options.events)
     warm_prefix = event_prefix(context.run_id, kind, phase, WARM_UP)
     warm = make_messages(warm_prefix, WARM_UP_EVENTS)
@@ -1166,13 +1181,16 @@ def raw_throughput(context: Context, kind: str, phase: str) -> dict[str, Any]:
     }
 
 
-def pipeline_throughput(context: Context, kind: str) -> dict[str, Any]:
+def pipeline_throughput(
+    context: Context, kind: str, repetition: int = 0
+) -> dict[str, Any]:
     from delivery.publishing import parse_envelope
     from destinations.models import Application
 
     target = context.targets[kind, PIPELINE_THROUGHPUT]
     application = Application.objects.get(pk=target.application_id)
-    prefix = event_prefix(context.run_id, kind, PIPELINE_THROUGHPUT, MEASURED)
+    part = f"{MEASURED}{repetition}"
+    prefix = event_prefix(context.run_id, kind, PIPELINE_THROUGHPUT, part)
     messages = make_messages(prefix, context.options.events)
     envelopes = [parse_envelope(message.text) for message in messages]
 
@@ -1308,13 +1326,27 @@ def achieved_rate(times: dict[str, float]) -> float:
     return round((len(values) - 1) / (values[-1] - values[0]), 1)
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the run with the median rate (the lower middle one of an even
+    number), with every run's rate beside it."""
+    ordered = sorted(runs, key=lambda run: run["events_per_second"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["rates_of_all_runs"] = [run["events_per_second"] for run in runs]
+    return median
+
+
 def measure_kind(context: Context, kind: str) -> dict[str, Any]:
-    print(f"Measuring {KIND_LABELS[kind]}: raw throughput...", flush=True)
-    raw_tp = raw_throughput(context, kind, RAW_THROUGHPUT)
+    raw_runs: list[dict[str, Any]] = []
+    pipeline_runs: list[dict[str, Any]] = []
+    print(f"Measuring {KIND_LABELS[kind]}:", flush=True)
+    for repetition in range(context.options.repeat):
+        print(f"  throughput, run {repetition + 1}: raw...", flush=True)
+        raw_runs.append(raw_throughput(context, kind, RAW_THROUGHPUT, repetition))
+        print(f"  throughput, run {repetition + 1}: pipeline...", flush=True)
+        pipeline_runs.append(pipeline_throughput(context, kind, repetition))
+    raw_tp, pipe_tp = median_run(raw_runs), median_run(pipeline_runs)
     print("  raw throughput, one event per key per call...", flush=True)
     raw_per_key = raw_throughput(context, kind, RAW_PER_KEY)
-    print("  pipeline throughput...", flush=True)
-    pipe_tp = pipeline_throughput(context, kind)
     print("  raw latency...", flush=True)
     raw_lat = raw_latency(context, kind)
     print("  pipeline latency...", flush=True)
@@ -1496,7 +1528,7 @@ def print_tables(options: Options, results: dict[str, Any]) -> None:
         )
     print(
         f"\nThroughput: {options.events} events over {OBJECT_KEYS} object keys, "
-        f"worker --concurrency {options.workers}"
+        f"worker --concurrency {options.workers}, median of {options.repeat} runs"
     )
     header = ["kind", "raw ev/s", "raw 1/key ev/s", "pipeline ev/s", "ratio"]
     header += ["raw CPU ms/ev", "worker CPU ms/ev", "target"]
