@@ -20,7 +20,7 @@ from django.utils.dateparse import parse_datetime
 
 from destinations.models import Application, Destination, Stage
 
-from .jsontext import invalid_text
+from .jsontext import has_invalid_text, invalid_text
 from .models import Delivery, DeliveryStatus, Event
 from .object_keys import MissingField, object_key
 from .rows import Row, copy_rows
@@ -32,6 +32,8 @@ MAX_TYPE_LENGTH = Event._meta.get_field("type").max_length or 100
 MAX_KEY_LENGTH = Event._meta.get_field("object_key").max_length or 512
 # Event ids appear in URLs and as message ids: keep to URL-safe characters.
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# The JSON escapes of UTF-16 surrogates, \ud800 to \udfff, in either case.
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class InvalidEvent(ValueError):
@@ -90,18 +92,11 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
             f"The envelope is a JSON {type(envelope).__name__}, not an object. "
             'Publish {"id": ..., "time": ..., "type": ..., "data": {...}}.'
         )
-    for path, value in invalid_text(envelope):
-        if "\x00" in value:
-            raise InvalidEvent(
-                f"{path} is {value!r:.80}, which contains a NUL character. No "
-                "destination accepts NUL in text. Remove it from the event."
-            )
-        raise InvalidEvent(
-            f"{path} is {value!r:.80}, which contains a lone surrogate (a \\ud800 "
-            "to \\udfff escape without its pair). UTF-8 cannot encode it, so no "
-            "destination can receive it. Send the character itself, or both "
-            "escapes of its surrogate pair, such as \\ud83d\\ude00."
-        )
+    # Only a dict, or a text with a surrogate escape (\ud800 to \udfff) or a NUL,
+    # can hold such text. Most hold none, so the walk is skipped.
+    plain_text = isinstance(raw, str) and not SURROGATE_ESCAPE_RE.search(text)
+    if not plain_text or has_invalid_text(text):
+        _reject_invalid_text(envelope)
 
     event_id = _text(envelope, "id", MAX_ID_LENGTH)
     event_type = _text(envelope, "type", MAX_TYPE_LENGTH)
@@ -122,6 +117,23 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
             f"characters long; the limit is {MAX_KEY_LENGTH}. Shorten the object ids."
         )
     return Envelope(event_id, time, event_type, data, key, text)
+
+
+def _reject_invalid_text(envelope: dict[str, Any]) -> None:
+    """Raise InvalidEvent naming the first key or string of `envelope` that holds
+    a NUL or a lone surrogate."""
+    for path, value in invalid_text(envelope):
+        if "\x00" in value:
+            raise InvalidEvent(
+                f"{path} is {value!r:.80}, which contains a NUL character. No "
+                "destination accepts NUL in text. Remove it from the event."
+            )
+        raise InvalidEvent(
+            f"{path} is {value!r:.80}, which contains a lone surrogate (a \\ud800 "
+            "to \\udfff escape without its pair). UTF-8 cannot encode it, so no "
+            "destination can receive it. Send the character itself, or both "
+            "escapes of its surrogate pair, such as \\ud83d\\ude00."
+        )
 
 
 def _reject_constant(name: str) -> None:

@@ -471,6 +471,13 @@ def test_parse_rejects_lone_surrogate(
     assert LONE_SURROGATE not in message
 
 
+def test_parse_rejects_upper_case_surrogate_escape() -> None:
+    text = json.dumps(envelope(data={**ACCEPT_DATA, "note": LONE_SURROGATE}))
+
+    with pytest.raises(InvalidEvent, match=r"^data.note is '\\ud800'"):
+        parse_envelope(text.replace("\\ud800", "\\uD800"))
+
+
 def test_parse_rejects_lone_surrogate_in_type() -> None:
     with pytest.raises(InvalidEvent, match=r"^type is 'A\\ud800', which contains"):
         parse_envelope(envelope(type="A" + LONE_SURROGATE))
