@@ -3,10 +3,12 @@ pages and exports, and key rotation from the changelist for superusers only."""
 
 import base64
 import re
+from importlib import import_module
 from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from django.apps import apps as django_apps
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.auth.models import User
 from django.test import Client
@@ -597,3 +599,19 @@ def test_masked_value_rejects_reverse_relation(sqs: Destination) -> None:
         masked_value(sqs, "deliveries")
 
     assert "Destination.deliveries is a reverse relation" in str(raised.value)
+
+
+def test_migration_clears_pasted_key(
+    key_as_key_name: Destination, application: Application
+) -> None:
+    named = make_servicebus(application, name="Named")
+    clear_pasted_keys = import_module(
+        "destinations.migrations.0005_clear_pasted_keys"
+    ).clear_pasted_keys
+
+    clear_pasted_keys(django_apps, None)
+
+    key_as_key_name.refresh_from_db()
+    named.refresh_from_db()
+    assert key_as_key_name.servicebus_key_name == ""
+    assert named.servicebus_key_name == "platform-send"
