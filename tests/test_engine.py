@@ -24,6 +24,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from delivery import claiming, engine, tasks
+from delivery.claiming import claimable
 from delivery.models import (
     Attempt,
     Delivery,
@@ -45,13 +46,16 @@ from .conftest import (
 )
 from .delivery_doubles import (
     BASE_TIME,
+    FIFO_QUEUE_URL,
     THROTTLED,
     TOO_LARGE,
     Script,
+    add_event,
     install_transport,
     make_application,
     make_destination,
     make_due,
+    queue_delivery,
     queue_events,
     run_until_idle,
     status_of,
@@ -120,6 +124,62 @@ def test_claim_returns_only_due_pending(fifo: Destination) -> None:
     claimed = engine.claim("worker-1", limit=10)
 
     assert claimed_ids(claimed) == ["due"]
+
+
+def test_claim_query_matches_claimable(
+    application: Application, fifo: Destination, standard: Destination
+) -> None:
+    later = timezone.now() + timedelta(minutes=5)
+    keys = {name: f"4102/st-1/order/{name}" for name in "abcdefg"}
+    ordered = queue_events(
+        fifo,
+        [
+            *[
+                (f"{name}{n}", key, n)
+                for name, key in keys.items()
+                for n in (1, 2)
+                if name != "g"
+            ],
+            # The same time: the lower event id goes first.
+            ("g2", keys["g"], 1),
+            ("g1", keys["g"], 1),
+        ],
+    )
+    set_status(ordered["b1"], DeliveryStatus.SENDING, claimed_by="other")
+    set_status(ordered["c1"], DeliveryStatus.HELD)
+    set_status(ordered["d1"], DeliveryStatus.PENDING, next_attempt_at=later)
+    set_status(ordered["e1"], DeliveryStatus.DELIVERED)
+    # A replayed older event waits while a newer one of its key is in flight.
+    set_status(ordered["f2"], DeliveryStatus.SENDING, claimed_by="other")
+    unordered = queue_events(
+        standard, [("u1", KEY_A, 1), ("u2", KEY_A, 2), ("u3", KEY_B, 3)]
+    )
+    set_status(unordered["u3"], DeliveryStatus.PENDING, next_attempt_at=later)
+    paused = make_destination(
+        application,
+        name="Paused",
+        sqs_queue_url=FIFO_QUEUE_URL.replace("orders", "paused"),
+        paused_at=timezone.now(),
+    )
+    queue_events(paused, [("p1", KEY_A, 1)])
+    test_event = add_event(application, "t1", KEY_B, BASE_TIME)
+    queue_delivery(paused, test_event, ordering_key=KEY_B, is_test=True)
+    off = make_destination(
+        application,
+        name="Off",
+        sqs_queue_url=FIFO_QUEUE_URL.replace("orders", "off"),
+        enabled=False,
+    )
+    queue_events(off, [("x1", KEY_A, 1)])
+
+    now = timezone.now()
+    with transaction.atomic():
+        heads = claiming._lock_due_heads(now, limit=100)
+    locked = Delivery.objects.filter(pk__in=[pk for pk, _, _ in heads])
+
+    expected = ["a1", "e2", "g1", "t1", "u1", "u2"]
+    assert sorted(claimable(now).values_list("event_id", flat=True)) == expected
+    assert sorted(locked.values_list("event_id", flat=True)) == expected
 
 
 def test_claim_leases_to_worker(fifo: Destination, settings: Any) -> None:
