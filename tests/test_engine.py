@@ -583,6 +583,14 @@ def test_round_queries_do_not_grow_with_claim(
     assert queries[0] == queries[1]
 
 
+def test_update_of_no_ids_runs_no_query() -> None:
+    with CaptureQueriesContext(connection) as captured:
+        changed = Delivery.objects.filter(claiming.pk_in([])).update(claimed_by="")
+
+    assert changed == 0
+    assert len(captured) == 0
+
+
 def test_unordered_claims_all_due_at_once(standard: Destination) -> None:
     queue_events(standard, [("a1", KEY_A, 1), ("a2", KEY_A, 2), ("a3", KEY_A, 3)])
 
