@@ -12,7 +12,7 @@ from operator import itemgetter
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef, Q, QuerySet, Window
+from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Window
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import RowNumber
 from django.utils import timezone
@@ -23,9 +23,11 @@ from .models import UNFINISHED, Delivery, DeliveryStatus, Event
 
 # Up to this many deliveries, a claim reads their destinations in the same query.
 JOINED_DESTINATION_LIMIT = 20
-# The fields that sending and recording a claimed delivery read. The event's body
-# is its stored envelope text; its data is read only for events without one.
-SENT_FIELDS = (
+# The fields that sending and recording a claimed delivery read, of the delivery
+# and of its event. The event's body is its stored envelope text; its data is read
+# only for events without one.
+SENT_DELIVERY_FIELDS = (
+    "id",
     "event_id",
     "destination_id",
     "status",
@@ -34,11 +36,11 @@ SENT_FIELDS = (
     "attempt_count",
     "scheduled_at",
     "claimed_by",
-    "event__id",
-    "event__type",
-    "event__object_key",
-    "event__time",
-    "event__envelope_json",
+)
+SENT_EVENT_FIELDS = ("id", "type", "object_key", "time", "envelope_json")
+SENT_FIELDS = (
+    *SENT_DELIVERY_FIELDS[1:],
+    *(f"event__{name}" for name in SENT_EVENT_FIELDS),
 )
 
 
@@ -117,7 +119,7 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     only the head of each key is due. It also waits while any delivery of its key is
     being sent: an older event that was retried or replayed must not go out
     alongside a newer one already in flight. A claimed head brings along the run of
-    pending deliveries right behind it (`_with_runs`), which go out in the same
+    pending deliveries right behind it (`_runs`), which go out in the same
     call, in order. Keys are taken whole, oldest due head first, so that a claim
     that fills up leaves other keys to another worker.
 
@@ -132,6 +134,8 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     and no other worker could send anything until it recorded its results.
     """
     now = timezone.now()
+    lease = Lease(worker, now, now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS))
+    returning = connection.vendor == "postgresql"
 
     with transaction.atomic():
         heads = _lock_due_heads(now, limit)
@@ -143,32 +147,17 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
         available = len(heads)
         if share > 1 and saw_all:
             heads = heads[: -(-available // share)]
-        ids = _with_runs(heads, now, limit)
-        Delivery.objects.filter(pk_in(ids), status=DeliveryStatus.PENDING).update(
-            status=DeliveryStatus.SENDING,
-            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
-            claimed_by=worker,
-            updated_at=now,
-        )
+        runs = _runs(heads, now, limit)
+        if returning:
+            deliveries = _lease_returning(runs, lease)
+        else:
+            ids = _lease(runs, lease)
 
-    claimed = Delivery.objects.filter(
-        pk_in(ids), status=DeliveryStatus.SENDING, claimed_by=worker
-    )
-    if len(ids) <= JOINED_DESTINATION_LIMIT:
-        deliveries = list(
-            claimed.defer("event__data").select_related(
-                "event", "destination", "destination__application"
-            )
-        )
+    if returning:
+        ids = [delivery.pk for delivery in deliveries]
+        _attach_destinations(deliveries)
     else:
-        # A large claim shares a destination or a few: one object each, read once,
-        # instead of a joined copy per delivery.
-        deliveries = list(claimed.only(*SENT_FIELDS).select_related("event"))
-        destinations = Destination.objects.select_related("application").in_bulk(
-            {delivery.destination_id for delivery in deliveries}
-        )
-        for delivery in deliveries:
-            delivery.destination = destinations[delivery.destination_id]
+        deliveries = _read_leased(ids, worker)
     _read_data_of_bare_events(deliveries)
     # In the order claimed: each run in its key's order as the database sorts event
     # ids, which may differ from Python's (a collation other than C).
@@ -176,6 +165,154 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     deliveries.sort(key=lambda delivery: position[delivery.pk])
     taken = sum(1 for head in heads if head[0] in position)
     return Claim(deliveries, left_work=not saw_all or taken < available)
+
+
+@dataclass(frozen=True)
+class Lease:
+    worker: str
+    now: datetime
+    until: datetime
+
+
+def _lease(runs: list[list[int]], lease: Lease) -> list[int]:
+    """Lease `runs` to the worker, each up to its first delivery behind the head
+    that another claim holds or that changed since the claim read it; return the
+    ids leased. The caller holds the heads' row locks."""
+    behind = [pk for run in runs for pk in run[1:]]
+    unchanged = set()
+    if behind:
+        unchanged = set(
+            Delivery.objects.filter(
+                pk_in(behind),
+                status=DeliveryStatus.PENDING,
+                next_attempt_at__lte=lease.now,
+            )
+            # A row another claim holds ends the run, instead of waiting for it: a
+            # staff replay can let two claims reach one key, and waiting could
+            # deadlock.
+            .select_for_update(skip_locked=True)
+            .values_list("pk", flat=True)
+        )
+    kept, _ = _up_to_gaps(runs, unchanged | {run[0] for run in runs})
+    Delivery.objects.filter(pk_in(kept), status=DeliveryStatus.PENDING).update(
+        status=DeliveryStatus.SENDING,
+        lease_expires_at=lease.until,
+        claimed_by=lease.worker,
+        updated_at=lease.now,
+    )
+    return kept
+
+
+def _up_to_gaps(runs: list[list[int]], leased: set[int]) -> tuple[list[int], list[int]]:
+    """Return the ids of `runs` up to each run's first id not in `leased`, and the
+    leased ids after such a gap."""
+    kept: list[int] = []
+    after_gaps: list[int] = []
+    for run in runs:
+        length = len(list(takewhile(leased.__contains__, run)))
+        kept += run[:length]
+        after_gaps += [pk for pk in run[length:] if pk in leased]
+    return kept, after_gaps
+
+
+def _read_leased(ids: list[int], worker: str) -> list[Delivery]:
+    """Read the deliveries `worker` leased, with their events and destinations."""
+    claimed = Delivery.objects.filter(
+        pk_in(ids), status=DeliveryStatus.SENDING, claimed_by=worker
+    )
+    if len(ids) <= JOINED_DESTINATION_LIMIT:
+        return list(
+            claimed.defer("event__data").select_related(
+                "event", "destination", "destination__application"
+            )
+        )
+    deliveries = list(claimed.only(*SENT_FIELDS).select_related("event"))
+    _attach_destinations(deliveries)
+    return deliveries
+
+
+def _attach_destinations(deliveries: list[Delivery]) -> None:
+    """Read the destinations of `deliveries`, each once: a claim shares one or a
+    few, and a joined copy per delivery costs more than the extra query."""
+    destinations = Destination.objects.select_related("application").in_bulk(
+        {delivery.destination_id for delivery in deliveries}
+    )
+    for delivery in deliveries:
+        delivery.destination = destinations[delivery.destination_id]
+
+
+def _sent_columns(model: type[Model], names: tuple[str, ...]) -> list[str]:
+    """Return the attnames of `names` in `model`'s field order, the order from_db
+    takes values in."""
+    return [
+        field.attname for field in model._meta.concrete_fields if field.attname in names
+    ]
+
+
+_LEASED_DELIVERY_COLUMNS = _sent_columns(Delivery, SENT_DELIVERY_FIELDS)
+_LEASED_EVENT_COLUMNS = _sent_columns(Event, SENT_EVENT_FIELDS)
+# Locks the pending deliveries among the given ids that no other claim holds,
+# leases them and returns them with their events, in one statement. A head is
+# locked already, by this transaction, so it is never skipped. The columns come
+# from the models, not from input.
+_LEASE_SQL = f"""
+    UPDATE delivery_delivery d
+    SET status = 'sending',
+        lease_expires_at = %(until)s,
+        claimed_by = %(worker)s,
+        updated_at = %(now)s
+    FROM delivery_event e
+    WHERE d.id IN (
+            SELECT id FROM delivery_delivery
+            WHERE id = ANY(%(ids)s)
+                AND status = 'pending'
+                AND next_attempt_at <= %(now)s
+            FOR UPDATE SKIP LOCKED
+        )
+        AND e.id = d.event_id
+    RETURNING {", ".join(f"d.{name}" for name in _LEASED_DELIVERY_COLUMNS)},
+        {", ".join(f"e.{name}" for name in _LEASED_EVENT_COLUMNS)}
+"""  # noqa: S608
+_RELEASE_SQL = """
+    UPDATE delivery_delivery
+    SET status = 'pending', lease_expires_at = NULL, claimed_by = '',
+        updated_at = %(now)s
+    WHERE id = ANY(%(ids)s)
+"""
+
+
+def _lease_returning(runs: list[list[int]], lease: Lease) -> list[Delivery]:
+    """Lease `runs` as `_lease` does, on PostgreSQL, and return the deliveries.
+
+    One UPDATE locks, leases and reads them. A run whose row behind the head was
+    skipped has its leased rows after that gap released again, which is rare."""
+    ids = [pk for run in runs for pk in run]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _LEASE_SQL,
+            {
+                "ids": ids,
+                "now": lease.now,
+                "until": lease.until,
+                "worker": lease.worker,
+            },
+        )
+        rows = {row[0]: row for row in cursor.fetchall()}
+        kept, after_gaps = _up_to_gaps(runs, set(rows))
+        if after_gaps:
+            cursor.execute(_RELEASE_SQL, {"ids": after_gaps, "now": lease.now})
+    split = len(_LEASED_DELIVERY_COLUMNS)
+    event_field = Delivery._meta.get_field("event")
+    deliveries = []
+    for pk in kept:
+        row = rows[pk]
+        delivery = Delivery.from_db(
+            connection.alias, _LEASED_DELIVERY_COLUMNS, row[:split]
+        )
+        event = Event.from_db(connection.alias, _LEASED_EVENT_COLUMNS, row[split:])
+        event_field.set_cached_value(delivery, event)
+        deliveries.append(delivery)
+    return deliveries
 
 
 def _read_data_of_bare_events(deliveries: list[Delivery]) -> None:
@@ -295,17 +432,16 @@ def _keys_to_claim(heads: list[Head]) -> list[Head]:
     return [head for head in heads if not head[2] or head[0] in free]
 
 
-def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
-    """Return the ids to claim: each of the locked `heads` (id, destination id,
-    ordering key) with the run behind it, in head order, at most `limit` in all.
+def _runs(heads: list[Head], now: datetime, limit: int) -> list[list[int]]:
+    """Return the runs to claim: each of the locked `heads` (id, destination id,
+    ordering key) with the ids of the run behind it, in head order, at most `limit`
+    ids in all.
 
     The run behind a head of an ordering key is the deliveries of its key that
     follow it without a gap: each pending and due, at most DELIVERY_RUN_SIZE with
     the head. The first that is not (held, waiting for a retry, being sent) ends
-    it. A run cut short by `limit` stays a prefix of its key's line.
-
-    The caller holds the heads' row locks. A row behind a head that is locked
-    elsewhere ends the run there.
+    it. A run cut short by `limit` stays a prefix of its key's line. Leasing ends a
+    run early at a row another claim holds.
     """
     size = settings.DELIVERY_RUN_SIZE
     keyed = [head for head in heads if head[2]]
@@ -325,24 +461,7 @@ def _with_runs(heads: list[Head], now: datetime, limit: int) -> list[int]:
             run.append(pk)
         runs.append(run)
         total += len(run)
-
-    behind = [pk for run in runs for pk in run[1:]]
-    if not behind:
-        return [run[0] for run in runs]
-    unchanged = set(
-        Delivery.objects.filter(
-            pk_in(behind), status=DeliveryStatus.PENDING, next_attempt_at__lte=now
-        )
-        # A row another claim holds ends the run, instead of waiting for it: a
-        # staff replay can let two claims reach one key, and waiting could deadlock.
-        .select_for_update(skip_locked=True)
-        .values_list("pk", flat=True)
-    )
-    return [
-        pk
-        for run in runs
-        for pk in [run[0], *takewhile(unchanged.__contains__, run[1:])]
-    ]
+    return runs
 
 
 LineEntry = tuple[int, str, datetime | None]

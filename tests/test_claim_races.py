@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from delivery import claiming, engine, tasks
 from delivery.models import Delivery, DeliveryStatus
@@ -137,16 +137,16 @@ def test_replay_during_claim_one_owner(
 
     first_locked = threading.Event()
     go_on = threading.Event()
-    real_with_runs = claiming._with_runs
+    real_runs = claiming._runs
 
-    def with_runs(heads: Any, now: Any, limit: int) -> list[int]:
+    def runs(heads: Any, now: Any, limit: int) -> list[list[int]]:
         # Worker A stops between locking its head and reading its line.
         if threading.current_thread().name == "A":
             first_locked.set()
             assert go_on.wait(10)
-        return real_with_runs(heads, now, limit)
+        return real_runs(heads, now, limit)
 
-    monkeypatch.setattr(claiming, "_with_runs", with_runs)
+    monkeypatch.setattr(claiming, "_runs", runs)
     claims = Claims()
 
     claims.start("A")
@@ -211,3 +211,56 @@ def test_replay_during_claim_no_deadlock(
         destination=destination, ordering_key=KEY, status=DeliveryStatus.SENDING
     )
     assert set(sending.values_list("claimed_by", flat=True)) == {"A"}
+
+
+# A row behind a head that another transaction holds.
+
+
+@needs_postgresql
+@pytest.mark.django_db(transaction=True)
+def test_locked_row_ends_run(fifo: Destination) -> None:
+    deliveries = queue_events(
+        fifo, [("e1", KEY, 1), ("e2", KEY, 2), ("e3", KEY, 3), ("e4", KEY, 4)]
+    )
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_e3() -> None:
+        try:
+            with transaction.atomic():
+                Delivery.objects.select_for_update().get(pk=deliveries["e3"].pk)
+                locked.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_e3)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        claimed = engine.claim("worker-1", 10)
+    finally:
+        release.set()
+        holder.join(10)
+
+    assert [delivery.event_id for delivery in claimed] == ["e1", "e2"]
+    statuses = dict(
+        Delivery.objects.filter(destination=fifo).values_list("event_id", "status")
+    )
+    # e4 was leased with the rest and released again: it must not overtake e3.
+    assert statuses == {
+        "e1": DeliveryStatus.SENDING,
+        "e2": DeliveryStatus.SENDING,
+        "e3": DeliveryStatus.PENDING,
+        "e4": DeliveryStatus.PENDING,
+    }
+    assert Delivery.objects.get(pk=deliveries["e4"].pk).claimed_by == ""
+
+
+def test_runs_end_at_first_gap() -> None:
+    runs = [[1, 2, 3, 4], [5, 6], [7, 8]]
+
+    kept, after_gaps = claiming._up_to_gaps(runs, {1, 2, 4, 5, 6, 8})
+
+    assert kept == [1, 2, 5, 6]
+    assert after_gaps == [4, 8]

@@ -308,9 +308,9 @@ def test_no_run_behind_stale_head(fifo: Destination) -> None:
     head = (not_head.pk, fifo.pk, KEY_A)
 
     with transaction.atomic():
-        ids = claiming._with_runs([head], timezone.now(), limit=10)
+        runs = claiming._runs([head], timezone.now(), limit=10)
 
-    assert ids == [not_head.pk]
+    assert runs == [[not_head.pk]]
 
 
 def test_ordered_keys_flow_independently(fifo: Destination, transport: Script) -> None:
