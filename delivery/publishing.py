@@ -245,7 +245,15 @@ def publish_many(
             for envelope in fresh
             for destination in destinations
         ]
-        _insert(events, deliveries)
+        foreign_ids = _insert(events, deliveries)
+        if foreign_ids:
+            result.conflicts += [
+                envelope.id for envelope in fresh if envelope.id in foreign_ids
+            ]
+            result.recorded -= len(foreign_ids)
+            deliveries = [
+                row for row in deliveries if row["event_id"] not in foreign_ids
+            ]
         result.deliveries = len(deliveries)
         result.held = sum(
             delivery["status"] == DeliveryStatus.HELD for delivery in deliveries
@@ -255,9 +263,10 @@ def publish_many(
     return result
 
 
-def _insert(events: list[Row], deliveries: list[Row]) -> None:
-    """Insert new events and their deliveries, given as column values by field
-    attname.
+def _insert(events: list[Row], deliveries: list[Row]) -> set[str]:
+    """Insert new events of one application and stage and their deliveries, given
+    as column values by field attname. Return the ids that a concurrent publisher
+    recorded for another application or stage: their deliveries are left out.
 
     On PostgreSQL, COPY takes the rows in a fraction of the time an INSERT of many
     rows needs. It fails whole on a duplicate key. Known ids were left out, so only a
@@ -270,7 +279,7 @@ def _insert(events: list[Row], deliveries: list[Row]) -> None:
             with transaction.atomic():
                 copy_rows(Event, events)
                 copy_rows(Delivery, deliveries)
-            return
+            return set()
         except IntegrityError:
             logger.info(
                 "COPY found an event id that another publisher recorded meanwhile; "
@@ -278,9 +287,32 @@ def _insert(events: list[Row], deliveries: list[Row]) -> None:
                 len(events),
             )
     Event.objects.bulk_create([Event(**row) for row in events], ignore_conflicts=True)
+    # The unique constraint on (event, destination) does not stop a delivery of an
+    # event that the other publisher recorded for another application or stage, so
+    # such events are left out here.
+    foreign_ids = _recorded_elsewhere(events)
+    if foreign_ids:
+        logger.warning(
+            "Skipping events that another publisher recorded meanwhile for another "
+            "application or stage: %s",
+            ", ".join(sorted(foreign_ids)),
+        )
     Delivery.objects.bulk_create(
-        [Delivery(**row) for row in deliveries], ignore_conflicts=True
+        [Delivery(**row) for row in deliveries if row["event_id"] not in foreign_ids],
+        ignore_conflicts=True,
     )
+    return foreign_ids
+
+
+def _recorded_elsewhere(events: list[Row]) -> set[str]:
+    """Return the ids of `events` that are stored for another application or stage
+    than the one the rows give."""
+    if not events:
+        return set()
+    stored = Event.objects.filter(pk__in=[row["id"] for row in events]).exclude(
+        application_id=events[0]["application_id"], stage=events[0]["stage"]
+    )
+    return set(stored.values_list("pk", flat=True))
 
 
 def _event(

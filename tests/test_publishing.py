@@ -259,6 +259,32 @@ def test_concurrent_duplicate_is_skipped(
     assert delivery.ordering_key == second.object_key
 
 
+def test_concurrent_other_stage_id_skipped(
+    application: Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    destination = make_destination(application)
+    make_destination(application, stage=Stage.TEST, name="Orders TEST")
+    event = parse_envelope(json.dumps(envelope()))
+    real_insert = publishing._insert
+
+    def insert_after_other_publisher(*args: Any) -> Any:
+        # Another publisher records the id for TEST after this PROD publish checked
+        # for it, as when the platform publishes an event to both stages at once.
+        monkeypatch.setattr(publishing, "_insert", real_insert)
+        publish_many(application, Stage.TEST, [event])
+        return real_insert(*args)
+
+    monkeypatch.setattr(publishing, "_insert", insert_after_other_publisher)
+
+    result = publish_many(application, Stage.PROD, [event])
+
+    assert Event.objects.get(pk=event.id).stage == Stage.TEST
+    assert not Delivery.objects.filter(destination=destination).exists()
+    assert result.conflicts == [event.id]
+    assert result.recorded == 0
+    assert result.deliveries == 0
+
+
 def test_publish_many_skips_repeated_id(application: Application) -> None:
     make_destination(application)
     first = parse_envelope(envelope())
