@@ -10,6 +10,8 @@ from functools import partial
 from typing import Any
 
 from celery import shared_task
+from celery.concurrency import get_implementation
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.signals import worker_init
 from django.conf import settings
 
@@ -25,6 +27,13 @@ pool_size = 1
 @worker_init.connect
 def _remember_pool_size(sender: Any, **kwargs: Any) -> None:
     global pool_size
+    # The solo pool runs one task at a time in the worker's own process, whatever
+    # its concurrency is set to, so no sibling takes the keys a claim leaves.
+    # The pool is a name or a class here: Celery resolves it after this signal.
+    pool = getattr(sender, "pool_cls", None)
+    if pool is not None and get_implementation(pool) is SoloPool:
+        pool_size = 1
+        return
     concurrency = getattr(sender, "concurrency", None)
     # "auto" is resolved later; the number of CPUs is what it resolves to unless
     # a cgroup quota is lower.

@@ -7,6 +7,7 @@ processes that send to a FIFO queue on the SQS peer."""
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -549,6 +550,60 @@ def test_worker_start_sets_claim_share(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert three == 3
     assert tasks.pool_size == (os.cpu_count() or 1)
+
+
+# Builds Celery's WorkController for each pool, as `celery worker` does before it
+# starts the pool, and prints the claim share that worker_init set. The command
+# line passes the pool as a class, the worker_pool setting as a name.
+POOL_SHARE_SCRIPT = """
+import django
+
+django.setup()
+
+from celery.concurrency.solo import TaskPool
+from celery.worker import WorkController
+
+from delivery import tasks
+from portal.celery import app
+
+for pool in ("solo", TaskPool, "prefork", "threads"):
+    WorkController(app=app, pool_cls=pool, concurrency=3)
+    print(tasks.pool_size)
+"""
+
+
+@pytest.mark.parametrize("pool", ["solo", "solo class", "prefork", "threads"])
+def test_worker_pool_sets_claim_share(pool: str, pool_shares: dict[str, int]) -> None:
+    # A solo pool runs one task at a time in the worker's own process, so it has no
+    # sibling to leave keys to, whatever --concurrency says.
+    expected = 1 if pool.startswith("solo") else 3
+
+    assert pool_shares[pool] == expected
+
+
+@pytest.fixture(scope="module")
+def pool_shares() -> dict[str, int]:
+    environment = {
+        name: value for name, value in os.environ.items() if name not in AWS_VARIABLES
+    }
+    environment.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "ENV_FILE": "",
+            "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        }
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", POOL_SHARE_SCRIPT],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    shares = [int(line) for line in finished.stdout.split()]
+    return dict(zip(["solo", "solo class", "prefork", "threads"], shares, strict=True))
 
 
 def test_send_due_claims_pool_share(monkeypatch: pytest.MonkeyPatch) -> None:
