@@ -446,6 +446,16 @@ def test_unknown_stage_matches_no_url(developer_client: Client) -> None:
     assert developer_client.get("/status/shop/STAGING/").status_code == 404
 
 
+@pytest.mark.parametrize("event_id", ["%00", "01jndg9q00%00"])
+def test_event_id_with_nul_not_found(
+    developer_client: Client, world: World, event_id: str
+) -> None:
+    # PostgreSQL rejects a NUL in text, so the lookup must not reach it.
+    response = developer_client.get(f"/status/shop/PROD/events/{event_id}/")
+
+    assert response.status_code == 404
+
+
 def test_home_lists_only_own_applications(
     developer_client: Client, shop: Application, other_shop: Application
 ) -> None:

@@ -19,7 +19,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -230,6 +230,9 @@ def event_search(request: HttpRequest, scope: Scope) -> HttpResponse:
 
 @scoped
 def event_detail(request: HttpRequest, scope: Scope, event_id: str) -> HttpResponse:
+    # No event id contains a NUL, and PostgreSQL raises DataError on one in text.
+    if "\x00" in event_id:
+        raise Http404(f"No event has the id {event_id!r}.")
     event = get_object_or_404(scope.events(), pk=event_id)
     # The published text keeps the platform's key order, which PostgreSQL's jsonb
     # column does not.
