@@ -14,9 +14,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import messages
+from django.contrib.admin import helpers
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.views.main import IGNORED_PARAMS, ChangeList
+from django.core.exceptions import ValidationError
 from django.db import DataError, OperationalError, connections, transaction
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,50 @@ class SafeChangeList(ChangeList):
 
 
 class SafeChangeListMixin(_AdminBase):
-    """A ModelAdmin mixin whose change list is a SafeChangeList."""
+    """A ModelAdmin mixin whose change list is a SafeChangeList, and whose object
+    pages and actions treat an id the database would reject as not found."""
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> Any:
         return SafeChangeList
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> Any:
+        # Django returns None for an id its field cannot convert, but passes a
+        # text id with a NUL to PostgreSQL, which raises DataError on it.
+        if "\x00" in object_id:
+            return None
+        return super().get_object(request, object_id, from_field)
+
+    def response_action(
+        self, request: HttpRequest, queryset: QuerySet[Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        # Django filters by the posted ids as they are, and raises ValueError (or
+        # the database an error) on one that is not a valid primary key.
+        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+        invalid = [value for value in selected if not self._is_primary_key(value)]
+        if invalid:
+            logger.info(
+                "Rejected an action on %s with invalid ids: %r",
+                self.opts.label,
+                invalid[:10],
+            )
+            messages.error(
+                request,
+                f"The selection contains {len(invalid)} invalid ids, such as "
+                f"{invalid[0]!r:.40}, so no action ran. Select rows in the list and "
+                "try again.",
+            )
+            return None
+        return super().response_action(request, queryset, *args, **kwargs)
+
+    def _is_primary_key(self, value: str) -> bool:
+        """Return whether `value` converts to a primary key that the database can
+        compare: a NUL is not allowed in text, and integers take 64 bits."""
+        if "\x00" in value:
+            return False
+        try:
+            converted = self.opts.pk.to_python(value)
+        except ValidationError:
+            return False
+        return not isinstance(converted, int) or -(2**63) <= converted < 2**63

@@ -1,4 +1,5 @@
-"""Change list query strings that the database rejects, on every admin of the site.
+"""Change list query strings, object ids and action selections that the database
+rejects, on every admin of the site.
 
 Some lookups only fail when the query runs, and some only on PostgreSQL: run this
 file with DATABASE_URL set to a PostgreSQL database too (see the README).
@@ -141,3 +142,45 @@ def test_rejects_value_keeps_database_outages() -> None:
     assert rejects_value(database, ValueError("year 99999999 is out of range"))
     assert not rejects_value(database, OperationalError("connection refused"))
     assert not rejects_value(database, KeyError("name"))
+
+
+@pytest.mark.parametrize("page", ["change", "history", "delete"])
+def test_object_id_with_nul_not_found(
+    admin_client: Client, rows: None, page: str
+) -> None:
+    url = reverse("admin:delivery_event_changelist") + f"01jndg9q00%00/{page}/"
+
+    response = admin_client.get(url)
+
+    # Django redirects to the admin index for an object that does not exist.
+    assert response.status_code == 302
+    assert response["Location"] == reverse("admin:index")
+
+
+@pytest.mark.parametrize(
+    ("changelist", "action", "selected"),
+    [
+        ("admin:destinations_destination_changelist", "send_test_events", "abc"),
+        ("admin:destinations_destination_changelist", "export_csv", ""),
+        ("admin:delivery_delivery_changelist", "retry_selected", "\x00"),
+        (
+            "admin:delivery_delivery_changelist",
+            "retry_selected",
+            "99999999999999999999",
+        ),
+        ("admin:delivery_event_changelist", "delete_selected", "e1\x00"),
+    ],
+)
+def test_action_on_invalid_id_rejected(
+    admin_client: Client, rows: None, changelist: str, action: str, selected: str
+) -> None:
+    url = reverse(changelist)
+    data = {"action": action, "_selected_action": [selected], "index": "0"}
+
+    response = admin_client.post(url, data)
+
+    assert response.status_code == 302
+    assert response["Location"] == url
+    page = admin_client.get(url)
+    assert "invalid ids" in page.text
+    assert "no action ran" in page.text
