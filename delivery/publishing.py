@@ -166,9 +166,10 @@ def _time(envelope: dict[str, Any]) -> datetime:
     value = envelope.get("time")
     try:
         parsed = parse_datetime(value) if isinstance(value, str) else None
-        # Far-off offsets overflow when converted to UTC.
+        # In UTC: Python reads offsets with seconds and their fractions, which
+        # PostgreSQL's timestamptz input rejects. Far-off offsets overflow here.
         if parsed is not None and timezone.is_aware(parsed):
-            parsed.astimezone(UTC)
+            parsed = parsed.astimezone(UTC)
     except (ValueError, OverflowError):
         parsed = None
     if parsed is None or timezone.is_naive(parsed):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,29 @@ def test_parse_names_bad_time() -> None:
 def test_parse_rejects_time_without_zone() -> None:
     with pytest.raises(InvalidEvent, match=r"time is '2025-03-03T08:00:40'.*time zone"):
         parse_envelope(envelope(time="2025-03-03T08:00:40"))
+
+
+@pytest.mark.parametrize(
+    "time",
+    [
+        "2025-03-03T13:30:55.017+05:30:15",
+        # Python reads an offset with a fraction of a second, which PostgreSQL's
+        # timestamptz input rejects.
+        "2025-03-03T13:30:55.517+05:30:15.5",
+    ],
+)
+def test_publish_stores_time_with_odd_offset(
+    application: Application, time: str
+) -> None:
+    make_destination(application)
+
+    publish(application, Stage.PROD, json.dumps(envelope(time=time)))
+
+    event = Event.objects.get()
+    expected = datetime(2025, 3, 3, 8, 0, 40, 17000, tzinfo=UTC)
+    assert event.time == expected
+    assert event.deliveries.get().event_time == expected
+    assert event.body() == json.dumps(envelope(time=time)).encode()
 
 
 def test_parse_names_non_object_data() -> None:
