@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from itertools import groupby
 
@@ -151,7 +152,7 @@ def _send(destination: Destination, messages: list[OutgoingMessage]) -> list[Res
             raise RuntimeError(
                 f"the transport returned {len(results)} results for {len(messages)}"
             )
-        return results
+        return [_without_nul(result) for result in results]
     except Exception as error:
         logger.exception(
             "Sending events %s to destination %s raised %s",
@@ -168,6 +169,26 @@ def _send(destination: Destination, messages: list[OutgoingMessage]) -> list[Res
             permanent=False,
         )
         return [failure] * len(messages)
+
+
+def _without_nul(result: Result) -> Result:
+    """Return `result` with each NUL in its text replaced by U+FFFD.
+
+    The text can come from the remote service: its error message, its message id.
+    PostgreSQL rejects a NUL in text, so one would fail the whole record, and the
+    call's deliveries would stay leased until the lease expired, to be sent again.
+    """
+    if isinstance(result, Sent):
+        if "\x00" not in result.remote_message_id:
+            return result
+        return Sent(result.remote_message_id.replace("\x00", "\ufffd"))
+    if "\x00" not in result.kind + result.message:
+        return result
+    return replace(
+        result,
+        kind=result.kind.replace("\x00", "\ufffd"),
+        message=result.message.replace("\x00", "\ufffd"),
+    )
 
 
 def _ids(messages: Sequence[OutgoingMessage], shown: int = 10) -> str:

@@ -35,7 +35,7 @@ from delivery.models import (
 from delivery.peers.sqs import SqsPeer, peer_environment, sqs_client
 from delivery.publishing import parse_envelope, publish_many
 from delivery.retry import retry_delay
-from delivery.transports import Sent
+from delivery.transports import Failure, Sent
 from destinations.models import Application, Destination, Stage
 
 from .conftest import (
@@ -791,6 +791,30 @@ def test_every_attempt_is_recorded(fifo: Destination, transport: Script) -> None
     assert sent.outcome == Outcome.SUCCESS
     assert sent.remote_message_id == "remote-a1"
     assert sent.duration_ms >= 20
+
+
+def test_attempt_with_nul_in_remote_text_recorded(
+    standard: Destination, transport: Script
+) -> None:
+    # A service's error message or message id is remote text, and PostgreSQL
+    # rejects a NUL in text: the whole record would fail and the deliveries would
+    # stay leased until the lease expired, to be sent again.
+    deliveries = queue_events(standard, [("a1", KEY_A, 1), ("b1", KEY_B, 2)])
+    transport.then(
+        "a1", Failure(kind="service_error", message="bad\x00 reply", permanent=False)
+    )
+    transport.then("b1", Sent(remote_message_id="id\x00"))
+
+    engine.run_once("worker-1")
+
+    assert status_of(deliveries["a1"]) == DeliveryStatus.PENDING
+    assert status_of(deliveries["b1"]) == DeliveryStatus.DELIVERED
+    failed = deliveries["a1"].attempts.get()
+    assert failed.message == "bad\ufffd reply"
+    sent = deliveries["b1"].attempts.get()
+    assert sent.remote_message_id == "id\ufffd"
+    standard.refresh_from_db()
+    assert standard.last_error == "service_error: bad\ufffd reply"
 
 
 def test_permanent_failure_attempt_recorded(
