@@ -67,7 +67,9 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
     key. Raise InvalidEvent naming the field, the value and the fix."""
     if isinstance(raw, str):
         text = raw.strip()
-        if "\x00" in text or "\\u0000" in text:
+        # A NUL escape is checked on the decoded strings below, because the text
+        # \\u0000 (an escaped backslash, then u0000) contains it too.
+        if "\x00" in text:
             raise InvalidEvent(
                 "The envelope contains a NUL character, which no destination "
                 "accepts in text. Remove it from the event."
@@ -92,9 +94,13 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
             f"The envelope is a JSON {type(envelope).__name__}, not an object. "
             'Publish {"id": ..., "time": ..., "type": ..., "data": {...}}.'
         )
-    # Only a dict, or a text with a surrogate escape (\ud800 to \udfff) or a NUL,
-    # can hold such text. Most hold none, so the walk is skipped.
-    plain_text = isinstance(raw, str) and not SURROGATE_ESCAPE_RE.search(text)
+    # Only a dict, or a text with a surrogate escape (\ud800 to \udfff) or a NUL
+    # escape, can hold such text. Most hold none, so the walk is skipped.
+    plain_text = (
+        isinstance(raw, str)
+        and "\\u0000" not in text
+        and not SURROGATE_ESCAPE_RE.search(text)
+    )
     if not plain_text or has_invalid_text(text):
         _reject_invalid_text(envelope)
 

@@ -542,6 +542,18 @@ def test_parse_keeps_surrogate_pair() -> None:
     assert parsed.data["note"] == "\U0001f600"
 
 
+@pytest.mark.parametrize("note", ["C:\\u0000", "\\ud800"], ids=["nul", "surrogate"])
+def test_parse_keeps_escaped_backslash_before_u(note: str) -> None:
+    # A backslash followed by the letters of an escape, not the escape: JSON text
+    # "C:\\u0000" has the substring \u0000 but decodes to no NUL.
+    text = json.dumps(envelope(data={**ACCEPT_DATA, "note": note}))
+
+    parsed = parse_envelope(text)
+
+    assert parsed.data["note"] == note
+    assert parsed.raw == text
+
+
 def test_parse_names_nul_in_dict_envelope() -> None:
     with pytest.raises(
         InvalidEvent, match=r"^data.note is 'a\\x00', which contains a NUL"
