@@ -575,7 +575,7 @@ for pool in ("solo", TaskPool, "prefork", "threads"):
 @pytest.mark.parametrize("pool", ["solo", "solo class", "prefork", "threads"])
 def test_worker_pool_sets_claim_share(pool: str, pool_shares: dict[str, int]) -> None:
     # A solo pool runs one task at a time in the worker's own process, so it has no
-    # sibling to leave keys to, whatever --concurrency says.
+    # sibling to leave keys to, whatever --concurrency is set to.
     expected = 1 if pool.startswith("solo") else 3
 
     assert pool_shares[pool] == expected
