@@ -366,7 +366,7 @@ _DUE_HEADS_SQL = """
 
 def _lock_due_heads(now: datetime, limit: int) -> list[Head]:
     """Lock up to `limit` of the deliveries claimable at `now`, oldest due first,
-    skipping those another claim has locked; return them as heads."""
+    and return them as heads. Rows that another claim has locked are skipped."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute(_DUE_HEADS_SQL, {"now": now, "limit": limit})

@@ -66,8 +66,8 @@ def copy_rows(model: type[Model], rows: Sequence[Row]) -> None:
 
 
 def _fields(model: type[Model], row: Row) -> "list[Field[Any, Any]]":
-    """Return the fields that a row of `model` gives, in column order; raise
-    ValueError if `row` names other ones."""
+    """Return the fields that a row of `model` gives, in column order. Raise
+    ValueError if `row` names other fields."""
     fields = [
         field
         for field in model._meta.concrete_fields

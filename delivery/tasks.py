@@ -19,8 +19,9 @@ from . import engine, health
 
 logger = logging.getLogger(__name__)
 
-# The number of processes in this worker's pool, set when the worker starts: each
-# claim takes this share of the due keys, so that its siblings can send the rest.
+# The number of processes in this worker's pool, set when the worker starts. Each
+# claim takes this share of the due keys, so that the other processes can send the
+# rest.
 pool_size = 1
 
 
