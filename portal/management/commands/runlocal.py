@@ -34,8 +34,8 @@ SMOKE_TIMEOUT = 60.0
 
 class Command(BaseCommand):
     help = (
-        "Migrate, create the demo data, start the local SQS peer, a Celery worker and "
-        "the web server, and run until interrupted."
+        "Migrate, create the demo data, start the local SQS, Pub/Sub and Service Bus "
+        "peers, a Celery worker and the web server, and run until interrupted."
     )
     # System checks run inside handle(), so that a missing key stops the start with
     # the check's own message.
@@ -55,8 +55,8 @@ class Command(BaseCommand):
             "--smoke",
             action="store_true",
             help=(
-                "Start everything, send a test event to the demo FIFO queue through "
-                "the worker, check the web server answers, then stop."
+                "Start everything, send a test event to each active demo destination "
+                "through the worker, check the web server answers, then stop."
             ),
         )
 
