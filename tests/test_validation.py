@@ -51,12 +51,9 @@ def application() -> Application:
 def build(application: Application, kind: str, **values: Any) -> Destination:
     """Return an unsaved destination, passing `connection_string` to its setter."""
     connection_string = values.pop("connection_string", None)
+    values.setdefault("name", "Partner events")
     destination = Destination(
-        application=application,
-        stage=Stage.TEST,
-        kind=kind,
-        name="Partner events",
-        **values,
+        application=application, stage=Stage.TEST, kind=kind, **values
     )
     if connection_string is not None:
         destination.set_connection_string(connection_string)
@@ -1623,3 +1620,137 @@ def test_switching_kind_drops_unsaved_connection_string(
     assert destination.sqs_queue_url == ""
     assert destination.sqs_fifo is False
     assert destination.pubsub_topic_id == "orders"
+
+
+# Secrets that staff paste into a plain field by mistake, each with the words that
+# name it in the message.
+AWS_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END"
+SERVICE_ACCOUNT_KEY = (
+    '{"type":"service_account","project_id":"shop-prod","private_key":'
+    f'"{PEM_KEY}","client_email":"x@shop-prod.iam.gserviceaccount.com"}}'
+)
+PASTED_SECRETS = [
+    pytest.param(CONNECTION_STRING, "connection string", id="connection-string"),
+    pytest.param(SERVICE_ACCOUNT_KEY, "service account key", id="service-account"),
+    pytest.param(PEM_KEY, "PEM private key", id="pem"),
+    pytest.param(AWS_SECRET_KEY, "AWS secret access key", id="aws-secret-key"),
+    pytest.param(SHARED_ACCESS_KEY, "a key", id="shared-access-key"),
+]
+PLAIN_FIELDS = [
+    pytest.param(Kind.SQS, "sqs_queue_url", {}, id="queue-url"),
+    pytest.param(Kind.SQS, "sqs_region", {"sqs_queue_url": QUEUE_URL}, id="region"),
+    pytest.param(
+        Kind.SQS,
+        "sqs_kms_key_arn",
+        {"sqs_queue_url": QUEUE_URL, "sqs_encryption": SqsEncryption.SSE_KMS},
+        id="kms-key-arn",
+    ),
+    pytest.param(Kind.PUBSUB, "pubsub_topic_id", {"pubsub_project_id": "shop-prod"}),
+    pytest.param(Kind.PUBSUB, "pubsub_project_id", {"pubsub_topic_id": "events"}),
+    pytest.param(
+        Kind.PUBSUB,
+        "pubsub_endpoint",
+        {"pubsub_project_id": "shop-prod", "pubsub_topic_id": "events"},
+    ),
+    pytest.param(
+        Kind.SERVICEBUS,
+        "servicebus_entity_name",
+        {"connection_string": CONNECTION_STRING},
+        id="entity-name",
+    ),
+    pytest.param(Kind.SQS, "name", {"sqs_queue_url": QUEUE_URL}, id="name"),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "values"), PLAIN_FIELDS)
+@pytest.mark.parametrize(("secret", "description"), PASTED_SECRETS)
+def test_pasted_secret_rejected_unquoted(
+    application: Application,
+    kind: str,
+    field: str,
+    values: dict[str, Any],
+    secret: str,
+    description: str,
+) -> None:
+    destination = build(application, kind, **{field: secret, **values})
+
+    error = validation_error(destination)
+    messages = "\n".join(error.messages)
+
+    assert field in error.message_dict
+    assert "is not shown" in "\n".join(error.message_dict[field])
+    assert description in "\n".join(error.message_dict[field])
+    for fragment in (secret, secret[:20], secret[:20].lower(), SHARED_ACCESS_KEY):
+        assert fragment not in messages
+
+
+def test_pasted_secret_gets_secret_code(application: Application) -> None:
+    destination = build(application, Kind.SQS, sqs_queue_url=CONNECTION_STRING)
+
+    codes = [e.code for e in validation_error(destination).error_dict["sqs_queue_url"]]
+
+    assert codes == ["secret_pasted"]
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("bad name!", "must not contain space !"),
+        ("orders=", "must not contain ="),
+        ("a+b", "must not contain +"),
+        ("caf\u00e9", "must not contain \u00e9"),
+        ("tab\there", "must not contain U+0009"),
+    ],
+)
+def test_entity_name_outside_azure_characters_rejected(
+    application: Application, name: str, shown: str
+) -> None:
+    destination = build(
+        application,
+        Kind.SERVICEBUS,
+        connection_string=CONNECTION_STRING,
+        servicebus_entity_name=name,
+    )
+
+    messages = validation_error(destination).message_dict["servicebus_entity_name"]
+
+    assert f"Entity name {name!r} is not valid" in messages[0]
+    assert shown in messages[0]
+
+
+@pytest.mark.parametrize(
+    "name", ["orders", "orders.v2", "my_topic-1", "topic/subscriptions/sub"]
+)
+def test_entity_name_of_azure_characters_accepted(
+    application: Application, name: str
+) -> None:
+    destination = build(
+        application,
+        Kind.SERVICEBUS,
+        connection_string=CONNECTION_STRING,
+        servicebus_entity_name=name,
+    )
+
+    destination.full_clean()
+
+    assert destination.servicebus_entity_name == name
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        QUEUE_URL,
+        f"{QUEUE_URL_PREFIX}PartnerOrderEventsProductionQueue2024",
+        f"{QUEUE_URL_PREFIX}{'a1B' * 25}.fifo",
+    ],
+)
+def test_long_queue_url_not_taken_for_secret(
+    application: Application, url: str
+) -> None:
+    fifo = url.endswith(".fifo")
+    destination = build(application, Kind.SQS, sqs_queue_url=url, sqs_fifo=fifo)
+
+    destination.full_clean()
+
+    assert destination.sqs_queue_url == url

@@ -8,14 +8,25 @@ admin shows each message next to its field.
 from collections.abc import Callable
 
 from django.core.exceptions import ValidationError
+from django.utils.text import capfirst
 
 from ..models import Destination, Kind
+from ..pasted_secrets import describe_secret, secret_error
 from . import pubsub, servicebus, sqs
 
 VALIDATORS: dict[str, Callable[[Destination], None]] = {
     Kind.SQS: sqs.validate,
     Kind.PUBSUB: pubsub.validate,
     Kind.SERVICEBUS: servicebus.validate,
+}
+
+# For each plain text field that staff type into, what to enter there instead of a
+# secret. Every kind's fields are listed, because the other kinds' are reset anyway.
+PASTE_HINTS: dict[str, str] = {
+    "name": "Enter a name for the destination, such as Orders to the warehouse.",
+    **sqs.PASTE_HINTS,
+    **pubsub.PASTE_HINTS,
+    **servicebus.PASTE_HINTS,
 }
 
 FIELD_PREFIXES: dict[str, str] = {
@@ -33,8 +44,38 @@ def validate_destination(destination: Destination) -> None:
         return
 
     reset_other_kinds(destination)
-    validate_retry_policy(destination)
-    validator(destination)
+    secrets = take_pasted_secrets(destination)
+    try:
+        validate_retry_policy(destination)
+        validator(destination)
+    except ValidationError as error:
+        if not secrets:
+            raise
+        # A field blanked for its secret may also be reported as missing: its own
+        # error replaces that.
+        raise ValidationError({**error.update_error_dict({}), **secrets}) from None
+    if secrets:
+        raise ValidationError(secrets)
+
+
+def take_pasted_secrets(destination: Destination) -> dict[str, list[ValidationError]]:
+    """Blank each plain field of `destination` that looks like a secret, and return
+    an error for each, keyed by field.
+
+    The kind's validator then never sees the secret, so none of its messages can
+    quote it, not even one about another field.
+    """
+    errors = {}
+    for name, hint in PASTE_HINTS.items():
+        value = getattr(destination, name)
+        description = describe_secret(value) if isinstance(value, str) else None
+        if description is None:
+            continue
+        field = Destination._meta.get_field(name)
+        label = capfirst(str(getattr(field, "verbose_name", name)))
+        errors[name] = [secret_error(label, description, hint)]
+        setattr(destination, name, "")
+    return errors
 
 
 def validate_retry_policy(destination: Destination) -> None:

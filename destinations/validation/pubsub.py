@@ -26,6 +26,20 @@ GLOBAL_ENDPOINT_RE = re.compile(r"pubsub\.googleapis\.com(?::443)?")
 
 EXAMPLE_ENDPOINT = "europe-west1-pubsub.googleapis.com:443"
 
+# Per field, the value to enter instead of a secret pasted there by mistake. The
+# service account key belongs to the partner: the platform publishes with its own
+# identity, which the partner grants on the topic.
+PASTE_HINTS = {
+    "pubsub_project_id": "Enter the project ID, such as my-project-123456.",
+    "pubsub_topic_id": (
+        "Enter the topic ID, such as partner-events, or the topic's full name "
+        "projects/PROJECT/topics/TOPIC. No key file is needed."
+    ),
+    "pubsub_endpoint": (
+        f"Enter a regional endpoint, such as {EXAMPLE_ENDPOINT}, or leave it blank."
+    ),
+}
+
 
 def validate(destination: Destination) -> None:
     """Normalise and check the Pub/Sub columns of `destination`."""

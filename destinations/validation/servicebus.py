@@ -53,7 +53,10 @@ PUBLIC_KEYS = (
 # that a stray key or signature is never quoted as a key.
 KEY_SHOWN_RE = re.compile(r"\s*[A-Za-z][A-Za-z\s]{0,39}")
 NAMESPACE_CHARACTERS_RE = re.compile(r"[A-Za-z0-9-]+")
-FORBIDDEN_IN_ENTITY = "@?#*"
+# Service Bus answers any other character with 400, SubCode 40000: "Entity segments
+# can contain only letters, numbers, periods (.), hyphens (-), and underscores (_)",
+# and '/' separates segments. ASCII only, because str.isalnum() accepts other scripts.
+ENTITY_CHARACTERS_RE = re.compile(r"[A-Za-z0-9._/-]*")
 MAX_ENTITY_LENGTH = 260
 MAX_KEY_NAME_LENGTH = 256
 # The Premium tier's largest entity setting. The Standard tier allows 256 KB.
@@ -71,6 +74,14 @@ PORTAL_HINT = (
     "Copy the primary connection string of a shared access policy with the Send "
     "claim, from the Shared access policies page of the namespace, queue or topic"
 )
+# Per field, the value to enter instead of a secret pasted there by mistake.
+PASTE_HINTS = {
+    "servicebus_entity_name": (
+        "Enter the name of the queue or topic, such as orders. The connection string "
+        "and its key go into the Connection string field."
+    ),
+}
+
 # The azure-servicebus 7.x client's behaviour unless UseDevelopmentEmulator=true is
 # spelt exactly so.
 WITHOUT_EMULATOR_FLAG = "drops the port and connects with TLS on port 5671"
@@ -543,13 +554,23 @@ def entity_name_problems(name: str) -> list[str]:
         )
     if name.startswith("/") or name.endswith("/"):
         problems.append("An entity name must not start or end with '/'.")
-    forbidden = [character for character in FORBIDDEN_IN_ENTITY if character in name]
+    forbidden = sorted(set(ENTITY_CHARACTERS_RE.sub("", name)))
     if forbidden:
+        shown = " ".join(character_name(character) for character in forbidden)
         problems.append(
-            f"An entity name must not contain {' '.join(forbidden)}; Service Bus "
-            f"rejects each of {' '.join(FORBIDDEN_IN_ENTITY)}."
+            f"An entity name must not contain {shown}. It may contain only letters, "
+            "digits, periods, hyphens, underscores, and slashes between names."
         )
     return problems
+
+
+def character_name(character: str) -> str:
+    """Return `character` as a message shows it: invisible ones by code point."""
+    if character == " ":
+        return "space"
+    if not character.isprintable() or character.isspace():
+        return f"U+{ord(character):04X}"
+    return character
 
 
 def validate(destination: Destination) -> None:

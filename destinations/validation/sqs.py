@@ -50,6 +50,18 @@ EXAMPLE_KEY_ARN = (
     "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 )
 
+# Per field, the value to enter instead of a secret pasted there by mistake.
+PASTE_HINTS = {
+    "sqs_queue_url": (
+        "Paste the queue URL, https://sqs.REGION.amazonaws.com/ACCOUNT/NAME, from the "
+        "queue's details in the SQS console."
+    ),
+    "sqs_region": "Enter a region code such as eu-west-1, or leave the region blank.",
+    "sqs_kms_key_arn": (
+        f"Paste the KMS key's ARN from the KMS console, such as {EXAMPLE_KEY_ARN}."
+    ),
+}
+
 
 class QueueUrl(NamedTuple):
     region: str
