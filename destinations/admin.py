@@ -44,6 +44,7 @@ from .forms import (
     KIND_FIELDS,
     RETRY_FIELDS,
     SECRET_FIELDS,
+    ApplicationForm,
     DestinationForm,
 )
 from .grants import grant_for
@@ -52,6 +53,7 @@ from .models import Application, Destination, Kind, State
 
 @admin.register(Application)
 class ApplicationAdmin(SafeChangeListMixin, admin.ModelAdmin):
+    form = ApplicationForm
     list_display = ("name", "slug", "destination_count", "contact_emails")
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}

@@ -3,8 +3,10 @@
 from typing import Any
 
 from django import forms
+from django.http import QueryDict
 
-from .models import Destination, Kind
+from .models import Application, Destination, Kind
+from .pasted_secrets import SECRET_PASTED, describe_secret, secret_error
 
 COMMON_FIELDS = ("application", "stage", "kind", "name", "enabled")
 
@@ -37,7 +39,54 @@ SECRET_FIELDS = ("servicebus_connection_string",)
 RETRY_FIELDS = ("retry_initial_delay", "retry_max_delay", "retry_window")
 
 
-class DestinationForm(forms.ModelForm):
+class BlankPastedSecretsMixin(forms.BaseForm):
+    """A form that neither re-fills nor quotes a secret pasted into a plain field.
+
+    A rejected form is shown again with each input holding what was submitted, and
+    Django's own messages (an invalid choice, for one) quote the value. So after
+    cleaning, a field whose submitted text looks like a secret is blanked, and its
+    errors are replaced by one that names what was pasted.
+    """
+
+    # Fields made for a secret, whose widget never renders the value.
+    secret_fields: tuple[str, ...] = ()
+
+    def full_clean(self) -> None:
+        super().full_clean()
+        if not self.is_bound or not self.errors:
+            return
+
+        # A QueryDict copy is mutable and keeps every value of a multiple choice.
+        data = self.data.copy() if isinstance(self.data, QueryDict) else {**self.data}
+        for name, field in self.fields.items():
+            key = self.add_prefix(name)
+            value = data.get(key)
+            if name in self.secret_fields or not isinstance(value, str):
+                continue
+            description = describe_secret(value)
+            if description is None:
+                continue
+
+            data[key] = ""
+            errors = self.errors.get(name)
+            codes = {error.code for error in errors.as_data()} if errors else set()
+            if errors and SECRET_PASTED not in codes:
+                label = str(field.label or name)
+                error = secret_error(label, description, f"Enter the {label} alone.")
+                self.errors[name] = self.error_class(renderer=self.renderer)
+                self.errors[name].extend(error.error_list)
+        self.data = data
+
+
+class ApplicationForm(BlankPastedSecretsMixin, forms.ModelForm):
+    class Meta:
+        model = Application
+        fields = ("name", "slug", "contact_emails", "developers")
+
+
+class DestinationForm(BlankPastedSecretsMixin, forms.ModelForm):
+    secret_fields = SECRET_FIELDS
+
     # Write-only: the stored value is a Fernet token and is never rendered back.
     servicebus_connection_string = forms.CharField(
         label="Connection string",

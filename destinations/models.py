@@ -14,6 +14,7 @@ from django.db import models, transaction
 from . import encryption
 from .access_keys import shown_key_name
 from .encryption import EncryptedTextField
+from .pasted_secrets import check_not_secret
 
 
 class Stage(models.TextChoices):
@@ -64,6 +65,11 @@ def split_emails(value: str) -> list[str]:
 
 
 def validate_email_list(value: str) -> None:
+    secret = check_not_secret(
+        "Contact e-mails", value, "Enter e-mail addresses, one per line."
+    )
+    if secret is not None:
+        raise secret
     for address in split_emails(value):
         try:
             validate_email(address)
@@ -98,6 +104,13 @@ class Application(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        secret = check_not_secret(
+            "Name", self.name, "Enter the application's name, such as Shop."
+        )
+        if secret is not None:
+            raise ValidationError({"name": secret})
 
     @property
     def contact_email_list(self) -> list[str]:

@@ -615,3 +615,126 @@ def test_migration_clears_pasted_key(
     named.refresh_from_db()
     assert key_as_key_name.servicebus_key_name == ""
     assert named.servicebus_key_name == "platform-send"
+
+
+# Secrets pasted into plain fields of the add forms.
+
+ADD_URL = reverse("admin:destinations_destination_add")
+APPLICATION_ADD_URL = reverse("admin:destinations_application_add")
+QUEUE_URL = "https://sqs.eu-west-1.amazonaws.com/123456789012/orders"
+AWS_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END"
+SERVICE_ACCOUNT_KEY = (
+    '{"type":"service_account","private_key":"' + PEM_KEY.replace("\n", "\\n") + '"}'
+)
+PASTED_SECRETS = [
+    pytest.param(CONNECTION_STRING, id="connection-string"),
+    pytest.param(SERVICE_ACCOUNT_KEY, id="service-account"),
+    pytest.param(PEM_KEY, id="pem"),
+    pytest.param(AWS_SECRET_KEY, id="aws-secret-key"),
+    pytest.param(SHARED_ACCESS_KEY, id="shared-access-key"),
+]
+SQS_FORM = {"sqs_queue_url": QUEUE_URL, "sqs_encryption": "none"}
+PUBSUB_FORM = {"pubsub_project_id": "shop-prod", "pubsub_topic_id": "events"}
+SERVICEBUS_FORM = {
+    "servicebus_connection_string": CONNECTION_STRING,
+    "servicebus_entity_type": "queue",
+    "servicebus_entity_name": "orders",
+}
+PASTE_TARGETS = [
+    pytest.param(Kind.SQS, SQS_FORM, "sqs_queue_url", id="queue-url"),
+    pytest.param(Kind.SQS, SQS_FORM, "sqs_region", id="region"),
+    pytest.param(
+        Kind.SQS,
+        {**SQS_FORM, "sqs_encryption": "sse-kms"},
+        "sqs_kms_key_arn",
+        id="kms-key-arn",
+    ),
+    pytest.param(Kind.SQS, SQS_FORM, "name", id="name"),
+    pytest.param(Kind.PUBSUB, PUBSUB_FORM, "pubsub_project_id", id="project-id"),
+    pytest.param(Kind.PUBSUB, PUBSUB_FORM, "pubsub_topic_id", id="topic-id"),
+    pytest.param(Kind.PUBSUB, PUBSUB_FORM, "pubsub_endpoint", id="endpoint"),
+    pytest.param(
+        Kind.SERVICEBUS, SERVICEBUS_FORM, "servicebus_entity_name", id="entity-name"
+    ),
+]
+
+
+def assert_not_echoed(text: str, secret: str) -> None:
+    for line in secret.splitlines():
+        assert line[-30:] not in text
+        assert line[-30:].lower() not in text.lower()
+    assert SHARED_ACCESS_KEY.rstrip("=") not in text
+
+
+@pytest.mark.parametrize(("kind", "values", "field"), PASTE_TARGETS)
+@pytest.mark.parametrize("secret", PASTED_SECRETS)
+def test_pasted_secret_neither_quoted_nor_refilled(
+    admin_client: Client,
+    application: Application,
+    kind: str,
+    values: dict[str, str],
+    field: str,
+    secret: str,
+) -> None:
+    form = {
+        "application": str(application.pk),
+        "stage": Stage.TEST,
+        "kind": kind,
+        "name": "Pasted",
+        **values,
+        field: secret,
+    }
+
+    response = admin_client.post(f"{ADD_URL}?kind={kind}", form)
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert "is not shown" in " ".join(errors[field])
+    assert_not_echoed(response.text, secret)
+    assert not Destination.objects.filter(kind=kind).exists()
+
+
+def test_pasted_secret_in_hidden_kind_not_quoted(
+    admin_client: Client, application: Application
+) -> None:
+    form = {"application": str(application.pk), "stage": Stage.TEST}
+    form |= {"name": "Pasted", "kind": CONNECTION_STRING}
+
+    response = admin_client.post(f"{ADD_URL}?kind=sqs", form)
+
+    assert response.status_code == 200
+    assert_not_echoed(response.text, CONNECTION_STRING)
+
+
+@pytest.mark.parametrize("field", ["name", "contact_emails"])
+@pytest.mark.parametrize("secret", PASTED_SECRETS)
+def test_application_secret_neither_quoted_nor_refilled(
+    admin_client: Client, field: str, secret: str
+) -> None:
+    form = {"name": "Shop", "slug": "shop", "contact_emails": "", field: secret}
+
+    response = admin_client.post(APPLICATION_ADD_URL, form)
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert "is not shown" in " ".join(errors[field])
+    assert_not_echoed(response.text, secret)
+    assert not Application.objects.exists()
+
+
+def test_ordinary_wrong_value_still_refilled(
+    admin_client: Client, application: Application
+) -> None:
+    form = {"application": str(application.pk), "stage": Stage.TEST, "kind": "sqs"}
+    form |= {"name": "Q", "sqs_queue_url": "https://example.com/q"}
+    form |= {"sqs_encryption": "none"}
+
+    response = admin_client.post(f"{ADD_URL}?kind=sqs", form)
+
+    assert response.status_code == 200
+    assert (
+        "'https://example.com/q' is not an SQS queue URL"
+        in response.context["adminform"].form.errors["sqs_queue_url"][0]
+    )
+    assert 'value="https://example.com/q"' in response.text
