@@ -169,6 +169,8 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
 
 @dataclass(frozen=True)
 class Lease:
+    """A claim's worker, its time, and when its lease ends."""
+
     worker: str
     now: datetime
     until: datetime
