@@ -271,7 +271,8 @@ class BulkJob(models.Model):
         verbose_name = "bulk action"
 
     def __str__(self) -> str:
-        return f"{self.get_kind_display()} on {self.total} destinations"
+        noun = "destination" if self.total == 1 else "destinations"
+        return f"{self.get_kind_display()} on {self.total} {noun}"
 
 
 class BulkJobItem(models.Model):

@@ -29,8 +29,8 @@ STORE_TYPES = frozenset({"STORE_FEATURE"})
 class MissingField(ValueError):
     def __init__(self, event_type: str, name: str) -> None:
         super().__init__(
-            f"data.{name} is missing or empty, but a {event_type} event needs it to "
-            "find the object it changes. Publish the event with that field."
+            f"data.{name} is missing or empty, but events of type {event_type} need "
+            "it to find the object they change. Publish the event with that field."
         )
         self.field = f"data.{name}"
 

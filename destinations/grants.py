@@ -109,7 +109,7 @@ def _sqs(destination: Destination) -> Grant:
             "The AWS managed key alias/aws/sqs cannot be used across accounts: "
             "encrypt the queue with a customer managed key, or with SSE-SQS."
         )
-    notes.append(_stage_note(stage, "AWS principal"))
+    notes.append(_stage_note(stage, "AWS principal", "queue"))
     return Grant(stage=stage, identity=principal, steps=steps, notes=notes)
 
 
@@ -146,7 +146,7 @@ def _pubsub(destination: Destination) -> Grant:
                 subscription,
             )
         )
-    notes.append(_stage_note(stage, "service account"))
+    notes.append(_stage_note(stage, "service account", "topic"))
     return Grant(stage=stage, identity=account, steps=steps, notes=notes)
 
 
@@ -191,9 +191,9 @@ def _servicebus(destination: Destination) -> Grant:
     return Grant(stage=stage, identity=policy, steps=steps, notes=notes)
 
 
-def _stage_note(stage: str, what: str) -> str:
+def _stage_note(stage: str, what: str, target: str) -> str:
     return (
         f"This is the {stage} {what}. {_other_stage(stage)} sends with a different "
-        f"one, so a {_other_stage(stage)} queue that trusts only its own identity "
+        f"one, so a {_other_stage(stage)} {target} that trusts only its own identity "
         f"never receives {stage} data."
     )

@@ -351,3 +351,13 @@ def test_worker_sends_bulk_test_to_150_destinations(
     assert count_on_page(page.text, "delivered") == 150
     assert page.text.count('<tr data-status="delivered">') == 150
     assert REFRESH not in page.text
+
+
+@pytest.mark.parametrize(
+    ("total", "text"),
+    [(1, "Send test event on 1 destination"), (3, "Send test event on 3 destinations")],
+)
+def test_job_name_counts_destinations(total: int, text: str) -> None:
+    job = BulkJob(kind=BulkJobKind.TEST_EVENT, total=total)
+
+    assert str(job) == text

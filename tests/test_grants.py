@@ -140,6 +140,13 @@ def test_pubsub_binding_and_ordering_subscription(application: Application) -> N
     assert f"--member=serviceAccount:{TEST_ACCOUNT}" in binding
     assert "--role=roles/pubsub.publisher" in binding
     assert "--enable-message-ordering" in grant.steps[1].snippet
+    assert any("a PROD topic that trusts" in note for note in grant.notes)
+
+
+def test_sqs_stage_note_names_queue(application: Application) -> None:
+    grant = grant_for(sqs(application))
+
+    assert any("a PROD queue that trusts" in note for note in grant.notes)
 
 
 def test_servicebus_send_only_policy_commands(application: Application) -> None:

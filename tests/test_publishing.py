@@ -636,3 +636,14 @@ def test_insert_rows_names_missing_field() -> None:
         insert_rows(Delivery, [row])
 
     assert "'status'" in str(raised.value)
+
+
+def test_missing_object_id_names_event_type() -> None:
+    data = {
+        key: value for key, value in ACCEPT_DATA.items() if key != "channel_order_id"
+    }
+
+    with pytest.raises(InvalidEvent) as error:
+        parse_envelope(envelope(data=data))
+
+    assert "but events of type ACCEPT need it" in str(error.value)
