@@ -177,9 +177,9 @@ class Lease:
 
 
 def _lease(runs: list[list[int]], lease: Lease) -> list[int]:
-    """Lease `runs` to the worker, each up to its first delivery behind the head
-    that another claim holds or that changed since the claim read it; return the
-    ids leased. The caller holds the heads' row locks."""
+    """Lease `runs` to the worker and return the ids leased. Each run ends before
+    its first delivery behind the head that another claim holds or that changed
+    since the claim read it. The caller holds the heads' row locks."""
     behind = [pk for run in runs for pk in run[1:]]
     unchanged = set()
     if behind:

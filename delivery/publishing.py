@@ -126,8 +126,8 @@ def parse_envelope(raw: str | dict[str, Any]) -> Envelope:
 
 
 def _reject_invalid_text(envelope: dict[str, Any]) -> None:
-    """Raise InvalidEvent naming the first key or string of `envelope` that holds
-    a NUL or a lone surrogate."""
+    """Raise InvalidEvent naming the first key or string of `envelope` that
+    contains a NUL or a lone surrogate."""
     for path, value in invalid_text(envelope):
         if "\x00" in value:
             raise InvalidEvent(

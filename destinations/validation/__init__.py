@@ -62,7 +62,7 @@ def take_pasted_secrets(destination: Destination) -> dict[str, list[ValidationEr
     """Blank each plain field of `destination` that looks like a secret, and return
     an error for each, keyed by field.
 
-    The kind's validator then never sees the secret, so none of its messages can
+    The kind's validator then never receives the secret, so none of its messages can
     quote it, not even one about another field.
     """
     errors = {}

@@ -53,7 +53,7 @@ PUBLIC_KEYS = (
 # that a stray key or signature is never quoted as a key.
 KEY_SHOWN_RE = re.compile(r"\s*[A-Za-z][A-Za-z\s]{0,39}")
 NAMESPACE_CHARACTERS_RE = re.compile(r"[A-Za-z0-9-]+")
-# Service Bus answers any other character with 400, SubCode 40000: "Entity segments
+# Service Bus rejects any other character with 400, SubCode 40000: "Entity segments
 # can contain only letters, numbers, periods (.), hyphens (-), and underscores (_)",
 # and '/' separates segments. ASCII only, because str.isalnum() accepts other scripts.
 ENTITY_CHARACTERS_RE = re.compile(r"[A-Za-z0-9._/-]*")
