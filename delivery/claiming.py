@@ -129,9 +129,12 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     IMMEDIATE, which serialises claims between processes instead.
 
     With `share` above 1, a claim that sees every due head (fewer than `limit`)
-    takes only that share of them, so that the other worker processes can send the
-    rest at the same time. Otherwise one claim could take every key in flight,
-    and no other worker could send anything until it recorded its results.
+    takes at most that share of all the keys, counting those that other workers
+    are sending now, so that the other worker processes can send the rest at the
+    same time. Otherwise one claim could take every key in flight, and no other
+    worker could send anything until it recorded its results. Counting the keys
+    in flight lets a worker whose siblings are busy take all it sees, instead of
+    halving what is left at each claim.
     """
     now = timezone.now()
     lease = Lease(worker, now, now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS))
@@ -146,7 +149,8 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
             return Claim([], left_work=False)
         available = len(heads)
         if share > 1 and saw_all:
-            heads = heads[: -(-available // share)]
+            fair = -(-(available + _keys_in_flight()) // share)
+            heads = heads[:fair]
         runs = _runs(heads, now, limit)
         if returning:
             deliveries = _lease_returning(runs, lease)
@@ -165,6 +169,24 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     deliveries.sort(key=lambda delivery: position[delivery.pk])
     taken = sum(1 for head in heads if head[0] in position)
     return Claim(deliveries, left_work=not saw_all or taken < available)
+
+
+# The keys that workers are sending now: each ordering key once, and each unkeyed
+# delivery, which is a key of its own. Written for both PostgreSQL and SQLite.
+_KEYS_IN_FLIGHT_SQL = """
+    SELECT count(DISTINCT destination_id || '/' || ordering_key)
+            FILTER (WHERE ordering_key <> '')
+        + count(*) FILTER (WHERE ordering_key = '')
+    FROM delivery_delivery
+    WHERE status = 'sending'
+"""
+
+
+def _keys_in_flight() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(_KEYS_IN_FLIGHT_SQL)
+        (count,) = cursor.fetchone()
+    return int(count or 0)
 
 
 @dataclass(frozen=True)

@@ -507,6 +507,24 @@ def test_shared_claim_leaves_keys_to_siblings(fifo: Destination, settings: Any) 
     assert second.left_work is False
 
 
+def test_shared_claim_counts_keys_in_flight(fifo: Destination) -> None:
+    keys = [f"order-{n}" for n in range(6)]
+    queue_events(fifo, [(f"e{n}", key, n) for n, key in enumerate(keys)])
+    unordered = make_destination(fifo.application, ordered=False)
+    queue_events(unordered, [("u1", "order-1", 10), ("u2", "order-1", 11)])
+
+    first = claiming.claim_round("worker-1", limit=20, share=2)
+    second = claiming.claim_round("worker-2", limit=20, share=2)
+
+    # Half of the 8 keys (each unkeyed delivery is one): worker-1 takes the 4
+    # oldest. worker-2 sees the other 4 and worker-1's 4 in flight, so all 4 it
+    # sees are its share, instead of half of them.
+    assert claimed_ids(first.deliveries) == ["e0", "e1", "e2", "e3"]
+    assert first.left_work is True
+    assert sorted(claimed_ids(second.deliveries)) == ["e4", "e5", "u1", "u2"]
+    assert second.left_work is False
+
+
 def test_shared_claim_of_backlog_fills_limit(standard: Destination) -> None:
     queue_events(standard, [(f"e{n}", f"order-{n}", n) for n in range(5)])
 
