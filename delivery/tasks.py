@@ -15,7 +15,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from celery.signals import worker_init
 from django.conf import settings
 
-from . import engine, health
+from . import engine, health, wakeups
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def _remember_pool_size(sender: Any, **kwargs: Any) -> None:
 @shared_task(acks_late=True, ignore_result=True)
 def send_due() -> None:
     """Send due deliveries until none is left or this round's budget is spent."""
+    # Before claiming, so that a commit after this is woken for again (wakeups.py).
+    wakeups.clear()
     # A full claim means a backlog: another worker can take the keys this one left.
     if engine.drain(
         engine.worker_name(),
@@ -83,14 +85,18 @@ def run_bulk_job(job_id: int) -> None:
 def wake_workers(deliveries: int | None = None) -> None:
     """Queue wake-up messages, enough for `deliveries` (all of DELIVERY_WAKE_TASKS
     when unknown): one claim round takes DELIVERY_CLAIM_SIZE, so a single event
-    needs one worker, not all. A broker that is down only delays delivery, because
-    the sweep wakes workers again once it is back."""
+    needs one worker, not all. None are queued while earlier ones wait to start
+    (wakeups.py). A broker that is down only delays delivery, because the sweep
+    wakes workers again once it is back."""
     count = settings.DELIVERY_WAKE_TASKS
     if deliveries is not None:
         rounds = -(-deliveries // settings.DELIVERY_CLAIM_SIZE)
         count = max(1, min(count, rounds))
+    if not wakeups.claim_turn():
+        return
     try:
         for _ in range(count):
             send_due.delay()
     except Exception:
+        wakeups.clear()
         logger.exception("Could not queue a wake-up message; the sweep will retry")
