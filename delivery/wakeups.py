@@ -3,7 +3,7 @@
 Every commit that makes deliveries due queues a wake-up task. Under load the workers
 are busy, and their drain loop claims the new deliveries anyway: each wake-up queued
 meanwhile only makes a worker run a claim that finds nothing. With a Redis broker, a
-flag in Redis says that wake-ups are queued and none of them has started. While it
+flag in Redis marks that wake-ups are queued and none of them has started. While it
 is set, no more are queued.
 
 A task clears the flag as it starts, before it claims. A commit made before the
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 FLAG_KEY = "delivery:wake-up-queued"
 FLAG_SECONDS = 1.0
-# A wake-up must not wait long on Redis: without an answer it is queued anyway.
+# A wake-up must not wait long on Redis. Without a reply, it is queued anyway.
 REDIS_TIMEOUT_SECONDS = 0.5
 
 _clients: dict[tuple[str, int], "redis.Redis | None"] = {}
@@ -56,18 +56,20 @@ def claim_turn() -> bool:
     try:
         return bool(client.set(FLAG_KEY, 1, nx=True, px=round(FLAG_SECONDS * 1000)))
     except redis.RedisError as error:
-        logger.info("Could not check the wake-up flag (%s); queueing anyway", error)
+        logger.info(
+            "Reading the wake-up flag failed, so it is queued anyway: %s", error
+        )
         return True
 
 
 def clear() -> None:
-    """Mark that no wake-up is waiting: a task starts, or queueing one failed."""
+    """Clear the flag: a task has started, or queueing a wake-up failed."""
     client = _client()
     if client is None:
         return
     try:
         client.delete(FLAG_KEY)
     except redis.RedisError as error:
-        # It expires by itself; until then, commits rely on the claims of the
-        # tasks that are queued and on the sweep.
-        logger.info("Could not clear the wake-up flag (%s)", error)
+        # It expires after FLAG_SECONDS. Until then, commits rely on the claims of
+        # the queued tasks and on the sweep.
+        logger.info("Clearing the wake-up flag failed: %s", error)

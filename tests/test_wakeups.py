@@ -28,7 +28,7 @@ def broker(redis_server: RedisServer, settings: Any) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
 
 
-def test_wake_up_waits_for_queued_ones(broker: redis.Redis, queued: list[int]) -> None:
+def test_wake_up_waits_for_queued(broker: redis.Redis, queued: list[int]) -> None:
     tasks.wake_workers()
     tasks.wake_workers()
     tasks.wake_workers(1)
@@ -38,7 +38,7 @@ def test_wake_up_waits_for_queued_ones(broker: redis.Redis, queued: list[int]) -
     assert broker.exists(wakeups.FLAG_KEY)
 
 
-def test_started_task_clears_flag_before_claiming(
+def test_task_clears_flag_before_claim(
     broker: redis.Redis, queued: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     flag_when_claiming: list[int] = []
@@ -65,7 +65,7 @@ def test_flag_expires(
     tasks.wake_workers(1)
     time.sleep(0.2)
 
-    # The first message was lost, say: a later commit wakes workers again.
+    # As if the first message was lost: a later commit wakes workers again.
     tasks.wake_workers(1)
 
     assert len(queued) == 2
@@ -89,7 +89,7 @@ def test_failed_queueing_clears_flag(
     assert not broker.exists(wakeups.FLAG_KEY)
 
 
-def test_other_brokers_queue_every_wake_up(queued: list[int], settings: Any) -> None:
+def test_other_brokers_queue_every_wake(queued: list[int], settings: Any) -> None:
     settings.CELERY_BROKER_URL = "filesystem://"
     settings.DELIVERY_WAKE_TASKS = 2
 
