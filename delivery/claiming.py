@@ -13,11 +13,12 @@ from operator import itemgetter
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Window
+from django.db.models.base import ModelState
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
-from destinations.models import Destination
+from destinations.models import Application, Destination
 
 from .models import UNFINISHED, Delivery, DeliveryStatus, Event
 
@@ -258,11 +259,54 @@ def _read_leased(ids: list[int], worker: str) -> list[Delivery]:
 def _attach_destinations(deliveries: list[Delivery]) -> None:
     """Read the destinations of `deliveries`, each once: a claim shares one or a
     few, and a joined copy per delivery costs more than the extra query."""
-    destinations = Destination.objects.select_related("application").in_bulk(
-        {delivery.destination_id for delivery in deliveries}
-    )
+    ids = list({delivery.destination_id for delivery in deliveries})
+    if connection.vendor == "postgresql":
+        destinations = _read_destinations(ids)
+    else:
+        destinations = Destination.objects.select_related("application").in_bulk(ids)
+    # The cache, not the descriptor, which checks the instance on every set.
+    destination_field = Delivery._meta.get_field("destination")
     for delivery in deliveries:
-        delivery.destination = destinations[delivery.destination_id]
+        destination_field.set_cached_value(
+            delivery, destinations[delivery.destination_id]
+        )
+
+
+def _columns_of(model: type[Model], alias: str) -> str:
+    quote = connection.ops.quote_name
+    return ", ".join(
+        f"{alias}.{quote(str(field.column))}" for field in model._meta.concrete_fields
+    )
+
+
+# A claim reads its destinations with this query, which Django would otherwise build
+# and compile anew each time. The columns come from the models, not from input.
+_DESTINATIONS_SQL = f"""
+    SELECT {_columns_of(Destination, "t")}, {_columns_of(Application, "a")}
+    FROM {Destination._meta.db_table} t
+    JOIN {Application._meta.db_table} a ON a.id = t.application_id
+    WHERE t.id = ANY(%s)
+"""  # noqa: S608
+
+
+def _read_destinations(ids: list[int]) -> dict[int, Destination]:
+    """Return the destinations of `ids` by id, each with its application, on
+    PostgreSQL."""
+    names = [field.attname for field in Destination._meta.concrete_fields]
+    application_names = [field.attname for field in Application._meta.concrete_fields]
+    application_field = Destination._meta.get_field("application")
+    with connection.cursor() as cursor:
+        cursor.execute(_DESTINATIONS_SQL, [ids])
+        rows = cursor.fetchall()
+    destinations = {}
+    for row in rows:
+        destination = Destination.from_db(connection.alias, names, row[: len(names)])
+        application = Application.from_db(
+            connection.alias, application_names, row[len(names) :]
+        )
+        application_field.set_cached_value(destination, application)
+        destinations[destination.pk] = destination
+    return destinations
 
 
 def _sent_columns(model: type[Model], names: tuple[str, ...]) -> list[str]:
@@ -330,13 +374,29 @@ def _lease_returning(runs: list[list[int]], lease: Lease) -> list[Delivery]:
     deliveries = []
     for pk in kept:
         row = rows[pk]
-        delivery = Delivery.from_db(
-            connection.alias, _LEASED_DELIVERY_COLUMNS, row[:split]
-        )
-        event = Event.from_db(connection.alias, _LEASED_EVENT_COLUMNS, row[split:])
+        delivery = _loaded(Delivery, _LEASED_DELIVERY_COLUMNS, row[:split])
+        event = _loaded(Event, _LEASED_EVENT_COLUMNS, row[split:])
         event_field.set_cached_value(delivery, event)
         deliveries.append(delivery)
     return deliveries
+
+
+def _loaded[M: Model](
+    model: type[M], attnames: list[str], values: tuple[object, ...]
+) -> M:
+    """Return an instance of `model` with the values of a row read from the
+    database, as `from_db` returns it with the other fields deferred.
+
+    It skips Model.__init__, which checks every field and sends the pre_init and
+    post_init signals, at a quarter of the cost: a claim builds two instances per
+    delivery. No receiver of those signals in this project takes these models.
+    """
+    instance = model.__new__(model)
+    instance.__dict__.update(zip(attnames, values, strict=True))
+    state = instance._state = ModelState()
+    state.adding = False
+    state.db = connection.alias
+    return instance
 
 
 def _read_data_of_bare_events(deliveries: list[Delivery]) -> None:
