@@ -21,6 +21,7 @@ from django.utils import timezone
 from destinations.models import Application, Destination
 
 from .models import UNFINISHED, Delivery, DeliveryStatus, Event
+from .rows import attnames, column_list
 
 # Up to this many deliveries, a claim reads their destinations in the same query.
 JOINED_DESTINATION_LIMIT = 20
@@ -272,17 +273,10 @@ def _attach_destinations(deliveries: list[Delivery]) -> None:
         )
 
 
-def _columns_of(model: type[Model], alias: str) -> str:
-    quote = connection.ops.quote_name
-    return ", ".join(
-        f"{alias}.{quote(str(field.column))}" for field in model._meta.concrete_fields
-    )
-
-
 # A claim reads its destinations with this query, which Django would otherwise build
 # and compile anew each time. The columns come from the models, not from input.
 _DESTINATIONS_SQL = f"""
-    SELECT {_columns_of(Destination, "t")}, {_columns_of(Application, "a")}
+    SELECT {column_list(Destination, "t")}, {column_list(Application, "a")}
     FROM {Destination._meta.db_table} t
     JOIN {Application._meta.db_table} a ON a.id = t.application_id
     WHERE t.id = ANY(%s)
@@ -292,8 +286,8 @@ _DESTINATIONS_SQL = f"""
 def _read_destinations(ids: list[int]) -> dict[int, Destination]:
     """Return the destinations of `ids` by id, each with its application, on
     PostgreSQL."""
-    names = [field.attname for field in Destination._meta.concrete_fields]
-    application_names = [field.attname for field in Application._meta.concrete_fields]
+    names = attnames(Destination)
+    application_names = attnames(Application)
     application_field = Destination._meta.get_field("application")
     with connection.cursor() as cursor:
         cursor.execute(_DESTINATIONS_SQL, [ids])

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -60,9 +60,7 @@ def apply(destination: Destination, outcome: BatchOutcome, now: datetime) -> Non
     when the batch calls for it. Runs inside the caller's transaction."""
     rows = Destination.objects.filter(pk=destination.pk)
     if outcome.successes and not outcome.failures:
-        recovered = rows.filter(failing_since__isnull=False).update(failing_since=None)
-        rows.update(consecutive_failures=0, failing_since=None, last_success_at=now)
-        if recovered:
+        if _record_success(destination, now):
             notify(destination, Change.RECOVERED, "An event was delivered again.")
         return
 
@@ -83,6 +81,36 @@ def apply(destination: Destination, outcome: BatchOutcome, now: datetime) -> Non
         pause(destination, outcome.pause_because.message, now)
     else:
         disable_if_failing(destination, now)
+
+
+# _record_success in one statement on PostgreSQL. The subquery locks the row first,
+# so a concurrent success waits and then reads failing_since as this one left it:
+# one of them reports the recovery, not both.
+_SUCCESS_SQL = """
+    UPDATE destinations_destination d
+    SET consecutive_failures = 0, failing_since = NULL, last_success_at = %(now)s
+    FROM (
+        SELECT id, failing_since FROM destinations_destination
+        WHERE id = %(id)s
+        FOR UPDATE
+    ) AS previous
+    WHERE d.id = previous.id
+    RETURNING previous.failing_since IS NOT NULL
+"""
+
+
+def _record_success(destination: Destination, now: datetime) -> bool:
+    """Reset the destination's failure counters after a batch without failures,
+    and return whether it was failing until now."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_SUCCESS_SQL, {"id": destination.pk, "now": now})
+            row = cursor.fetchone()
+        return bool(row and row[0])
+    rows = Destination.objects.filter(pk=destination.pk)
+    recovered = rows.filter(failing_since__isnull=False).update(failing_since=None)
+    rows.update(consecutive_failures=0, failing_since=None, last_success_at=now)
+    return bool(recovered)
 
 
 def pause(destination: Destination, reason: str, now: datetime) -> bool:

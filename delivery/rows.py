@@ -80,3 +80,18 @@ def _fields(model: type[Model], row: Row) -> "list[Field[Any, Any]]":
             f"not {sorted(row)}."
         )
     return fields
+
+
+def column_list(model: type[Model], alias: str) -> str:
+    """Return the columns of `model`'s concrete fields, in field order and prefixed
+    with `alias`, for a SELECT written by hand."""
+    quote = connection.ops.quote_name
+    return ", ".join(
+        f"{alias}.{quote(str(field.column))}" for field in model._meta.concrete_fields
+    )
+
+
+def attnames(model: type[Model]) -> list[str]:
+    """Return the attnames of `model`'s concrete fields, in the order of
+    column_list, which from_db takes the values in."""
+    return [field.attname for field in model._meta.concrete_fields]

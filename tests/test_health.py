@@ -3,11 +3,14 @@ disabling, enabling again, held deliveries, the e-mails to the application's
 contacts, and test events, which never change any of it."""
 
 import json
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core import mail
+from django.db import connection, transaction
 from django.utils import timezone
 
 from delivery import engine, health
@@ -469,3 +472,42 @@ def test_test_event_reaches_paused_destination(
 
     assert transport.sent == [delivery.event_id]
     assert status_of(delivery) == DeliveryStatus.DELIVERED
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the row lock needs PostgreSQL"
+)
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_successes_recover_once() -> None:
+    destination = make_destination(
+        make_application(), consecutive_failures=3, failing_since=timezone.now()
+    )
+    first_done = threading.Event()
+    commit_first = threading.Event()
+    recovered: dict[str, bool] = {}
+
+    def succeed(name: str, hold: bool) -> None:
+        try:
+            with transaction.atomic():
+                recovered[name] = health._record_success(destination, timezone.now())
+                if hold:
+                    first_done.set()
+                    commit_first.wait(10)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=succeed, args=("first", True))
+    first.start()
+    assert first_done.wait(10)
+    # The second waits for the first's row lock, then reads its result.
+    second = threading.Thread(target=succeed, args=("second", False))
+    second.start()
+    time.sleep(0.2)
+    commit_first.set()
+    first.join(10)
+    second.join(10)
+
+    assert recovered == {"first": True, "second": False}
+    destination.refresh_from_db()
+    assert destination.failing_since is None
+    assert destination.consecutive_failures == 0
