@@ -50,12 +50,14 @@ def claim_turn() -> bool:
     """Return whether the caller should queue wake-ups now, and if so mark them as
     queued. False means that queued ones have not started yet, so they will claim
     what the caller committed."""
-    client = _client()
-    if client is None:
-        return True
+    # Any error, not only RedisError. redis-py rejects some broker URLs that Kombu
+    # accepts, such as one with ?heartbeat=10, with a TypeError at the first command.
     try:
+        client = _client()
+        if client is None:
+            return True
         return bool(client.set(FLAG_KEY, 1, nx=True, px=round(FLAG_SECONDS * 1000)))
-    except redis.RedisError as error:
+    except Exception as error:
         logger.info(
             "Reading the wake-up flag failed, so it is queued anyway: %s", error
         )
@@ -64,12 +66,12 @@ def claim_turn() -> bool:
 
 def clear() -> None:
     """Clear the flag: a task has started, or queueing a wake-up failed."""
-    client = _client()
-    if client is None:
-        return
     try:
+        client = _client()
+        if client is None:
+            return
         client.delete(FLAG_KEY)
-    except redis.RedisError as error:
+    except Exception as error:
         # It expires after FLAG_SECONDS. Until then, commits rely on the claims of
         # the queued tasks and on the sweep.
         logger.info("Clearing the wake-up flag failed: %s", error)

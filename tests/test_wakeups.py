@@ -107,3 +107,26 @@ def test_unreachable_redis_queues_anyway(queued: list[int], settings: Any) -> No
     tasks.wake_workers(1)
 
     assert len(queued) == 2
+
+
+def test_url_option_redis_rejects_wakes(
+    redis_server: RedisServer,
+    settings: Any,
+    queued: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Kombu reads heartbeat from the URL, but redis-py's connection rejects it.
+    settings.CELERY_BROKER_URL = f"{redis_server.url}?heartbeat=10"
+    drained: list[int] = []
+
+    def drain(*arguments: Any, **options: Any) -> bool:
+        drained.append(1)
+        return False
+
+    monkeypatch.setattr(engine, "drain", drain)
+    tasks.wake_workers(1)
+    tasks.send_due()
+
+    # The wake-up is queued, and the task claims, as without the flag.
+    assert len(queued) == 1
+    assert drained == [1]
