@@ -131,12 +131,13 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     IMMEDIATE, which serialises claims between processes instead.
 
     With `share` above 1, a claim that sees every due head (fewer than `limit`)
-    takes at most that share of all the keys, counting those that other workers
-    are sending now, so that the other worker processes can send the rest at the
-    same time. Otherwise one claim could take every key in flight, and no other
-    worker could send anything until it recorded its results. Counting the keys
-    in flight lets a worker whose siblings are busy take all it sees, instead of
-    halving what is left at each claim.
+    takes only its part of them: `share` worker processes, less those sending
+    now, split them, so that the idle ones can send the rest at the same time.
+    Otherwise one claim could take every key in flight, and no other worker could
+    send anything until it recorded its results. Leaving out the busy processes
+    lets a worker whose siblings are busy take every head it finds, instead of
+    halving what is left at each claim. Processes are counted, not the keys they
+    send, because one process sending many keys in one batch leaves the others idle.
     """
     now = timezone.now()
     lease = Lease(worker, now, now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS))
@@ -151,8 +152,8 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
             return Claim([], left_work=False)
         available = len(heads)
         if share > 1 and saw_all:
-            fair = -(-(available + _keys_in_flight()) // share)
-            heads = heads[:fair]
+            idle = max(1, share - _busy_workers(worker))
+            heads = heads[: -(-available // idle)]
         runs = _runs(heads, now, limit)
         if returning:
             deliveries = _lease_returning(runs, lease)
@@ -173,20 +174,18 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     return Claim(deliveries, left_work=not saw_all or taken < available)
 
 
-# The keys that workers are sending now: each ordering key once, and each unkeyed
-# delivery, which is a key of its own. Written for both PostgreSQL and SQLite.
-_KEYS_IN_FLIGHT_SQL = """
-    SELECT count(DISTINCT destination_id || '/' || ordering_key)
-            FILTER (WHERE ordering_key <> '')
-        + count(*) FILTER (WHERE ordering_key = '')
-    FROM delivery_delivery
-    WHERE status = 'sending'
+# The workers other than the claiming one that are sending now. Workers on other
+# hosts count too, so a claim may take more than its host's share.
+_BUSY_WORKERS_SQL = """
+    SELECT count(DISTINCT claimed_by) FROM delivery_delivery
+    WHERE status = 'sending' AND claimed_by <> %s
 """
 
 
-def _keys_in_flight() -> int:
+def _busy_workers(worker: str) -> int:
+    """Return how many workers other than `worker` are sending deliveries now."""
     with connection.cursor() as cursor:
-        cursor.execute(_KEYS_IN_FLIGHT_SQL)
+        cursor.execute(_BUSY_WORKERS_SQL, [worker])
         (count,) = cursor.fetchone()
     return int(count or 0)
 

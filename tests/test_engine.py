@@ -507,7 +507,7 @@ def test_shared_claim_leaves_keys_to_siblings(fifo: Destination, settings: Any) 
     assert second.left_work is False
 
 
-def test_shared_claim_counts_keys_in_flight(fifo: Destination) -> None:
+def test_shared_claim_leaves_out_busy_sibling(fifo: Destination) -> None:
     keys = [f"order-{n}" for n in range(6)]
     queue_events(fifo, [(f"e{n}", key, n) for n, key in enumerate(keys)])
     unordered = make_destination(fifo.application, ordered=False)
@@ -517,12 +517,26 @@ def test_shared_claim_counts_keys_in_flight(fifo: Destination) -> None:
     second = claiming.claim_round("worker-2", limit=20, share=2)
 
     # Half of the 8 keys (each unkeyed delivery is one): worker-1 takes the 4
-    # oldest. worker-2 sees the other 4 and worker-1's 4 in flight, so all 4 it
-    # sees are its share, instead of half of them.
+    # oldest. worker-2 is the only idle process while worker-1 sends, so it takes
+    # all 4 it finds, instead of half of them.
     assert claimed_ids(first.deliveries) == ["e0", "e1", "e2", "e3"]
     assert first.left_work is True
     assert sorted(claimed_ids(second.deliveries)) == ["e4", "e5", "u1", "u2"]
     assert second.left_work is False
+
+
+def test_shared_claim_one_busy_sibling(fifo: Destination) -> None:
+    queue_events(fifo, [(f"s{n}", f"busy-{n}", n) for n in range(20)])
+    busy = claiming.claim_round("worker-2", limit=20)
+    queue_events(fifo, [(f"e{n}", f"order-{n}", 30 + n) for n in range(8)])
+
+    claimed = claiming.claim_round("worker-1", limit=20, share=4)
+
+    # worker-2 sends 20 keys in one batch, but it is one process: two of the four
+    # processes are idle besides worker-1, so this claim leaves them 5 of the 8 keys.
+    assert len(busy.deliveries) == 20
+    assert len(claimed.deliveries) == 3
+    assert claimed.left_work is True
 
 
 def test_shared_claim_of_backlog_fills_limit(standard: Destination) -> None:
