@@ -257,8 +257,8 @@ def record(
         )
 
 
-# What _mark_delivered does, written out for PostgreSQL: Django took longer to build
-# and compile the UPDATE than PostgreSQL took to run it.
+# The UPDATE of _mark_delivered, written out for PostgreSQL: Django took longer to
+# build and compile it than PostgreSQL took to run it.
 _DELIVERED_SQL = """
     UPDATE delivery_delivery
     SET status = 'delivered', next_attempt_at = NULL,

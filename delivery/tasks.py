@@ -44,7 +44,8 @@ def _remember_pool_size(sender: Any, **kwargs: Any) -> None:
 @shared_task(acks_late=True, ignore_result=True)
 def send_due() -> None:
     """Send due deliveries until none is left or this round's budget is spent."""
-    # Before claiming, so that a commit after this is woken for again (wakeups.py).
+    # Before claiming, so that a commit after this point queues a new wake-up
+    # (wakeups.py).
     wakeups.clear()
     # A full claim means a backlog: another worker can take the keys this one left.
     if engine.drain(
