@@ -150,6 +150,11 @@ def _reject_constant(name: str) -> None:
 
 def _text(envelope: dict[str, Any], name: str, max_length: int) -> str:
     value = envelope.get(name)
+    if name not in envelope or value is None:
+        raise InvalidEvent(
+            f"{name} is missing; it must be a non-empty string. Give every envelope "
+            f"its {name}."
+        )
     if not isinstance(value, str) or not value.strip():
         raise InvalidEvent(
             f"{name} is {value!r:.80}; it must be a non-empty string. Give every "

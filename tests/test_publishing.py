@@ -89,12 +89,12 @@ def run_publish_events(path: Path, **streams: Any) -> None:
 
 
 def test_parse_names_missing_id() -> None:
-    with pytest.raises(InvalidEvent, match="id is None; it must be a non-empty string"):
+    with pytest.raises(InvalidEvent, match="id is missing; it must be a non-empty string"):
         parse_envelope(without("id"))
 
 
 def test_parse_names_missing_type() -> None:
-    with pytest.raises(InvalidEvent, match="type is None"):
+    with pytest.raises(InvalidEvent, match="type is missing"):
         parse_envelope(without("type"))
 
 

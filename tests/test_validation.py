@@ -1034,7 +1034,7 @@ INVALID = [
         Kind.SERVICEBUS,
         {"connection_string": f"{CONNECTION_STRING};EntityPath=orders?x"},
         "servicebus_connection_string",
-        "must not contain ?",
+        "must not contain these characters: ?.",
         "EntityPath 'orders?x'",
         id="servicebus-entity-path-with-question-mark",
     ),
@@ -1053,7 +1053,7 @@ INVALID = [
         Kind.SERVICEBUS,
         {"connection_string": CONNECTION_STRING, "servicebus_entity_name": "a#b"},
         "servicebus_entity_name",
-        "must not contain #",
+        "must not contain these characters: #.",
         "a#b",
         id="servicebus-entity-name-with-hash",
     ),
@@ -1696,11 +1696,11 @@ def test_pasted_secret_gets_secret_code(application: Application) -> None:
 @pytest.mark.parametrize(
     ("name", "shown"),
     [
-        ("bad name!", "must not contain space !"),
-        ("orders=", "must not contain ="),
-        ("a+b", "must not contain +"),
-        ("caf\u00e9", "must not contain \u00e9"),
-        ("tab\there", "must not contain U+0009"),
+        ("bad name!", "must not contain these characters: space, !."),
+        ("orders=", "must not contain these characters: =."),
+        ("a+b", "must not contain these characters: +."),
+        ("caf\u00e9", "must not contain these characters: \u00e9."),
+        ("tab\there", "must not contain these characters: U+0009."),
     ],
 )
 def test_entity_name_outside_azure_characters_rejected(
