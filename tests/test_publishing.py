@@ -89,7 +89,7 @@ def run_publish_events(path: Path, **streams: Any) -> None:
 
 
 def test_parse_names_missing_id() -> None:
-    with pytest.raises(InvalidEvent, match="id is missing; it must be a non-empty string"):
+    with pytest.raises(InvalidEvent, match="id is missing; it must be a non-empty"):
         parse_envelope(without("id"))
 
 
