@@ -8,7 +8,7 @@ is set, no more are queued.
 
 A task clears the flag as it starts, before it claims. A commit made before the
 clear is seen by that claim; a commit made after it finds the flag clear and queues
-a new wake-up. So no commit is left without a claim that sees it. The flag expires
+a new wake-up. So every commit is read by a claim that starts after it. The flag expires
 after FLAG_SECONDS, in case its messages are lost, and the sweep wakes workers as
 well. With another broker every wake-up is queued, as before.
 """

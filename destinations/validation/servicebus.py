@@ -556,9 +556,9 @@ def entity_name_problems(name: str) -> list[str]:
         problems.append("An entity name must not start or end with '/'.")
     forbidden = sorted(set(ENTITY_CHARACTERS_RE.sub("", name)))
     if forbidden:
-        shown = ", ".join(character_name(character) for character in forbidden)
+        listed = ", ".join(character_name(character) for character in forbidden)
         problems.append(
-            f"An entity name must not contain these characters: {shown}. It may "
+            f"An entity name must not contain these characters: {listed}. It may "
             "contain only letters, "
             "digits, periods, hyphens, underscores, and slashes between names."
         )
