@@ -264,7 +264,7 @@ def _attach_destinations(deliveries: list[Delivery]) -> None:
         destinations = _read_destinations(ids)
     else:
         destinations = Destination.objects.select_related("application").in_bulk(ids)
-    # The cache, not the descriptor, which checks the instance on every set.
+    # Set the relation's cache directly: the descriptor checks each instance it sets.
     destination_field = Delivery._meta.get_field("destination")
     for delivery in deliveries:
         destination_field.set_cached_value(

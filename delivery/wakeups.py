@@ -6,11 +6,10 @@ meanwhile only makes a worker run a claim that finds nothing. With a Redis broke
 flag in Redis marks that wake-ups are queued and none of them has started. While it
 is set, no more are queued.
 
-A task clears the flag as it starts, before it claims. A commit made before the
-clear is seen by that claim; a commit made after it finds the flag clear and queues
-a new wake-up. So every commit is read by a claim that starts after it. The flag expires
-after FLAG_SECONDS, in case its messages are lost, and the sweep wakes workers as
-well. With another broker every wake-up is queued, as before.
+A task clears the flag as it starts, before it claims. That claim reads every commit
+made before the clear. A commit made after it finds the flag clear and queues a new
+wake-up. The flag expires after FLAG_SECONDS in case its messages are lost, and the
+sweep wakes workers as well. With another broker every wake-up is queued.
 """
 
 import logging
@@ -59,7 +58,7 @@ def claim_turn() -> bool:
         return bool(client.set(FLAG_KEY, 1, nx=True, px=round(FLAG_SECONDS * 1000)))
     except Exception as error:
         logger.info(
-            "Reading the wake-up flag failed, so it is queued anyway: %s", error
+            "Setting the wake-up flag failed, so wake-ups are queued: %s", error
         )
         return True
 

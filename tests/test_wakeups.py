@@ -33,7 +33,7 @@ def test_wake_up_waits_for_queued(broker: redis.Redis, queued: list[int]) -> Non
     tasks.wake_workers()
     tasks.wake_workers(1)
 
-    # One round of DELIVERY_WAKE_TASKS; the later commits rely on its claims.
+    # One round of DELIVERY_WAKE_TASKS. The later commits rely on its claims.
     assert len(queued) == 2
     assert broker.exists(wakeups.FLAG_KEY)
 
@@ -100,7 +100,7 @@ def test_other_brokers_queue_every_wake(queued: list[int], settings: Any) -> Non
 
 
 def test_unreachable_redis_queues_anyway(queued: list[int], settings: Any) -> None:
-    # Nothing listens on this port: the flag cannot be read, so the wake-up goes.
+    # Nothing listens on this port: the flag cannot be set, so the wake-up goes.
     settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port('127.0.0.1')}/0"
 
     tasks.wake_workers(1)
