@@ -488,6 +488,38 @@ def test_full_call_defers_groups() -> None:
     assert calls == [list(range(10)), [10, 11]]
 
 
+def test_calls_take_longest_groups_first() -> None:
+    # A claim brings each key's run in one piece: 12 groups of 20 entries in a row.
+    entries = [entry(n, f"g{n // 20}") for n in range(240)]
+    by_group = _OnePerGroup(entries)
+
+    calls = [[index for index, _, _ in batch] for batch in by_group]
+
+    # Taking the first ten groups until they ran out would take 20 calls of 10 and
+    # then 20 calls of 2 for the last two groups. Every call can carry 10.
+    assert [len(call) for call in calls] == [10] * 24
+    sent_order = [index for call in calls for index in call]
+    assert sorted(sent_order) == list(range(240))
+    for call in calls:
+        assert len({entries[index][1]["MessageGroupId"] for index in call}) == 10
+    for group in range(12):
+        in_group = [index for index in sent_order if index // 20 == group]
+        assert in_group == sorted(in_group)
+
+
+def test_calls_skip_an_entry_over_the_byte_limit() -> None:
+    def large(index: int, group: str) -> Entry:
+        return (index, {"MessageGroupId": group, "MessageBody": "x"}, 200_000)
+
+    entries = [large(0, "a"), entry(1, "b"), entry(2, "b"), large(3, "c")]
+    by_group = _OnePerGroup(entries)
+
+    calls = [[index for index, _, _ in batch] for batch in by_group]
+
+    # Group b is the longest; a and c do not fit in one call together.
+    assert calls == [[0, 1], [2, 3]]
+
+
 def test_whole_call_failure_stops_all() -> None:
     groups = [f"g{n}" for n in range(11)]
     outage = Failure(kind="connection_failed", message="down", permanent=False)
