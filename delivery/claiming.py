@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import takewhile
 from operator import itemgetter
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -408,32 +409,114 @@ def _read_data_of_bare_events(deliveries: list[Delivery]) -> None:
 
 Head = tuple[int, int, str]
 
-# claimable(), ordered and locked as a claim takes it, written out for PostgreSQL:
-# a claim runs it several times a second, and Django took longer to build and
-# compile the query than PostgreSQL took to run it. The check for a key in flight
-# comes first: PostgreSQL runs it once, as a hash of the few keys being sent, and it
-# rules out every row of those keys without an index probe each.
-_DUE_HEADS_SQL = """
+# The oldest due deliveries that a claim looks for heads among first (see
+# _lock_due_heads).
+DUE_SCAN_WINDOW = 1000
+
+# The queries below find claimable() deliveries on PostgreSQL, written out because
+# a claim runs them several times a second and Django took longer to build and
+# compile its query than PostgreSQL took to run it. Each is built so that its plan
+# holds when PostgreSQL's statistics are out of date: a backlog builds up faster
+# than ANALYZE runs, and statistics that count no pending deliveries made plans
+# that read every pending row once per pending row.
+
+# Test events go out even to a paused or disabled destination: staff send them to
+# check a destination before enabling it.
+_SENDABLE = "(c.is_test OR (t.enabled AND t.paused_at IS NULL))"
+
+# Returns, in due order, the candidates among the oldest due deliveries: those
+# that keep no order, and those first in their key's line. Each key of the window
+# costs one probe of delivery_unfinished_by_key, however long its line is.
+_WINDOW_CANDIDATES_SQL = f"""
+    WITH c AS MATERIALIZED (
+        SELECT id, destination_id, ordering_key, is_test, next_attempt_at
+        FROM delivery_delivery
+        WHERE status = 'pending' AND next_attempt_at <= %(now)s
+        ORDER BY next_attempt_at, id
+        LIMIT %(window)s
+    ), firsts AS MATERIALIZED (
+        SELECT first.id
+        FROM (
+            SELECT DISTINCT destination_id, ordering_key FROM c
+            WHERE ordering_key <> ''
+        ) k
+        CROSS JOIN LATERAL (
+            SELECT id FROM delivery_delivery
+            WHERE destination_id = k.destination_id
+                AND ordering_key = k.ordering_key
+                AND status IN ('pending', 'sending', 'held')
+            ORDER BY event_time, event_id
+            LIMIT 1
+        ) first
+    )
+    SELECT c.id
+    FROM c
+    JOIN destinations_destination t ON t.id = c.destination_id
+    WHERE {_SENDABLE}
+        AND (c.ordering_key = '' OR c.id IN (SELECT id FROM firsts))
+    ORDER BY c.next_attempt_at, c.id
+"""  # noqa: S608
+_WINDOW_FULL_SQL = """
+    SELECT count(*) = %(window)s FROM (
+        SELECT FROM delivery_delivery
+        WHERE status = 'pending' AND next_attempt_at <= %(now)s
+        LIMIT %(window)s
+    ) w
+"""
+# Returns the candidates key by key: a walk over the distinct (destination,
+# ordering key) pairs of unfinished deliveries, one index probe each (PostgreSQL 15
+# has no skip scan of its own), then each key's first unfinished delivery if it is
+# pending and due. The key '' of a destination holds its deliveries that keep no
+# order: its oldest due ones count, up to the limit. The cost grows with the keys
+# that have unfinished deliveries, not with the deliveries in their lines.
+_KEY_CANDIDATES_SQL = f"""
+    WITH RECURSIVE keys AS (
+        (
+            SELECT destination_id, ordering_key FROM delivery_delivery
+            WHERE status IN ('pending', 'sending', 'held')
+            ORDER BY destination_id, ordering_key
+            LIMIT 1
+        )
+        UNION ALL
+        SELECT next.destination_id, next.ordering_key
+        FROM keys k
+        CROSS JOIN LATERAL (
+            SELECT destination_id, ordering_key FROM delivery_delivery
+            WHERE status IN ('pending', 'sending', 'held')
+                AND (destination_id, ordering_key)
+                    > (k.destination_id, k.ordering_key)
+            ORDER BY destination_id, ordering_key
+            LIMIT 1
+        ) next
+    )
+    SELECT c.id
+    FROM keys k
+    CROSS JOIN LATERAL (
+        SELECT id, status, next_attempt_at, is_test FROM delivery_delivery
+        WHERE destination_id = k.destination_id
+            AND ordering_key = k.ordering_key
+            AND status IN ('pending', 'sending', 'held')
+            AND (k.ordering_key <> ''
+                OR (status = 'pending' AND next_attempt_at <= %(now)s))
+        ORDER BY event_time, event_id
+        LIMIT CASE WHEN k.ordering_key = '' THEN %(limit)s ELSE 1 END
+    ) c
+    JOIN destinations_destination t ON t.id = k.destination_id
+    WHERE c.status = 'pending' AND c.next_attempt_at <= %(now)s AND {_SENDABLE}
+"""  # noqa: S608
+# Locks up to the limit of the candidates that are still pending and due and whose
+# key no worker is sending (a retried or replayed older event waits for a newer one
+# in flight), oldest due first, skipping rows that another claim has locked. Each is
+# read by its id. NOT IN runs its query once, as a hash of the few keys in flight.
+_LOCK_CANDIDATES_SQL = """
     SELECT d.id, d.destination_id, d.ordering_key
     FROM delivery_delivery d
-    JOIN destinations_destination t ON t.id = d.destination_id
-    WHERE d.status = 'pending'
+    WHERE d.id = ANY(%(ids)s::bigint[])
+        AND d.status = 'pending'
         AND d.next_attempt_at <= %(now)s
-        AND (d.is_test OR (t.enabled AND t.paused_at IS NULL))
-        AND (d.ordering_key = '' OR (
-            NOT EXISTS (
-                SELECT FROM delivery_delivery s
-                WHERE s.destination_id = d.destination_id
-                    AND s.ordering_key = d.ordering_key
-                    AND s.status = 'sending'
-            )
-            AND NOT EXISTS (
-                SELECT FROM delivery_delivery e
-                WHERE e.destination_id = d.destination_id
-                    AND e.ordering_key = d.ordering_key
-                    AND e.status IN ('pending', 'sending', 'held')
-                    AND (e.event_time, e.event_id) < (d.event_time, d.event_id)
-            )
+        AND (d.ordering_key = '' OR (d.destination_id, d.ordering_key) NOT IN (
+            SELECT destination_id, ordering_key FROM delivery_delivery
+            WHERE status = 'sending'
         ))
     ORDER BY d.next_attempt_at, d.id
     LIMIT %(limit)s
@@ -443,10 +526,33 @@ _DUE_HEADS_SQL = """
 
 def _lock_due_heads(now: datetime, limit: int) -> list[Head]:
     """Lock up to `limit` of the deliveries claimable at `now`, oldest due first,
-    and return them as heads. Rows that another claim has locked are skipped."""
+    and return them as heads. Rows that another claim has locked are skipped.
+
+    On PostgreSQL, the heads are looked for among the oldest DUE_SCAN_WINDOW due
+    deliveries first, which is enough when heads are many among them. When fewer
+    than a quarter of `limit` are, and more due deliveries lie beyond the window,
+    the heads are found again key by key. Long lines behind few heads (a backlog
+    after an outage, a key waiting for its head's retry) then neither slow every
+    claim down nor keep the heads behind them from being found.
+    """
     if connection.vendor == "postgresql":
+        parameters: dict[str, Any] = {
+            "now": now,
+            "limit": limit,
+            "window": DUE_SCAN_WINDOW,
+        }
         with connection.cursor() as cursor:
-            cursor.execute(_DUE_HEADS_SQL, {"now": now, "limit": limit})
+            cursor.execute(_WINDOW_CANDIDATES_SQL, parameters)
+            candidates = [pk for (pk,) in cursor.fetchall()]
+            if len(candidates) < max(1, limit // 4):
+                cursor.execute(_WINDOW_FULL_SQL, parameters)
+                (full,) = cursor.fetchone()
+                if full:
+                    cursor.execute(_KEY_CANDIDATES_SQL, parameters)
+                    candidates = [pk for (pk,) in cursor.fetchall()]
+            if not candidates:
+                return []
+            cursor.execute(_LOCK_CANDIDATES_SQL, {**parameters, "ids": candidates})
             return [tuple(row) for row in cursor.fetchall()]
     locked = (
         claimable(now)

@@ -127,9 +127,18 @@ def test_claim_returns_only_due_pending(fifo: Destination) -> None:
     assert claimed_ids(claimed) == ["due"]
 
 
+# With a window of one delivery, the claim finds its heads key by key.
+@pytest.mark.parametrize(
+    "window", [claiming.DUE_SCAN_WINDOW, 1], ids=["window", "key_by_key"]
+)
 def test_claim_query_matches_claimable(
-    application: Application, fifo: Destination, standard: Destination
+    application: Application,
+    fifo: Destination,
+    standard: Destination,
+    window: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(claiming, "DUE_SCAN_WINDOW", window)
     later = timezone.now() + timedelta(minutes=5)
     keys = {name: f"4102/st-1/order/{name}" for name in "abcdefg"}
     ordered = queue_events(
@@ -181,6 +190,24 @@ def test_claim_query_matches_claimable(
     expected = ["a1", "e2", "g1", "t1", "u1", "u2"]
     assert sorted(claimable(now).values_list("event_id", flat=True)) == expected
     assert sorted(locked.values_list("event_id", flat=True)) == expected
+
+
+def test_long_waiting_line_hides_no_other_head(
+    fifo: Destination, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claiming, "DUE_SCAN_WINDOW", 4)
+    deliveries = queue_events(
+        fifo,
+        [*[(f"a{n}", KEY_A, n) for n in range(1, 9)], ("b1", KEY_B, 20)],
+    )
+    # Key A's head waits for its retry; the seven behind it are due and older than
+    # key B's head, so they fill the window of the oldest due deliveries.
+    later = timezone.now() + timedelta(hours=1)
+    set_status(deliveries["a1"], DeliveryStatus.PENDING, next_attempt_at=later)
+
+    claimed = engine.claim("worker-1", limit=10)
+
+    assert claimed_ids(claimed) == ["b1"]
 
 
 def test_claim_leases_to_worker(fifo: Destination, settings: Any) -> None:
