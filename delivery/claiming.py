@@ -416,9 +416,9 @@ DUE_SCAN_WINDOW = 1000
 # The queries below find claimable() deliveries on PostgreSQL, written out because
 # a claim runs them several times a second and Django took longer to build and
 # compile its query than PostgreSQL took to run it. Each is built so that its plan
-# holds when PostgreSQL's statistics are out of date: a backlog builds up faster
-# than ANALYZE runs, and statistics that count no pending deliveries made plans
-# that read every pending row once per pending row.
+# holds when PostgreSQL's statistics are out of date, because a backlog builds up
+# faster than ANALYZE runs. With statistics that counted no pending deliveries, a
+# single query read every pending row once per pending row.
 
 # Test events go out even to a paused or disabled destination: staff send them to
 # check a destination before enabling it.
@@ -463,10 +463,10 @@ _WINDOW_FULL_SQL = """
         LIMIT %(window)s
     ) w
 """
-# Returns the candidates key by key: a walk over the distinct (destination,
-# ordering key) pairs of unfinished deliveries, one index probe each (PostgreSQL 15
-# has no skip scan of its own), then each key's first unfinished delivery if it is
-# pending and due. The key '' of a destination holds its deliveries that keep no
+# Returns the candidates key by key. It walks the distinct (destination, ordering
+# key) pairs of unfinished deliveries with one index probe each, because PostgreSQL
+# 15 has no skip scan. Then it takes each key's first unfinished delivery if that
+# one is pending and due. The key '' of a destination holds its deliveries that keep no
 # order: its oldest due ones count, up to the limit. The cost grows with the keys
 # that have unfinished deliveries, not with the deliveries in their lines.
 _KEY_CANDIDATES_SQL = f"""
@@ -504,11 +504,11 @@ _KEY_CANDIDATES_SQL = f"""
     JOIN destinations_destination t ON t.id = k.destination_id
     WHERE c.status = 'pending' AND c.next_attempt_at <= %(now)s AND {_SENDABLE}
 """  # noqa: S608
-# Locks up to the limit of the candidates that are still pending and due and whose
-# key no worker is sending (a retried or replayed older event waits for a newer one
-# in flight), oldest due first, skipping rows that another claim has locked. Each is
-# read by its id. NOT IN runs its query once, as a hash of the few keys in flight.
-_LOCK_CANDIDATES_SQL = """
+# The candidates that are still pending and due and whose key no worker is sending
+# (a retried or replayed older event waits for a newer one in flight), oldest due
+# first. Each is read by its id. NOT IN runs its query once, as a hash of the few
+# keys in flight.
+_HEADS_OF_CANDIDATES_SQL = """
     SELECT d.id, d.destination_id, d.ordering_key
     FROM delivery_delivery d
     WHERE d.id = ANY(%(ids)s::bigint[])
@@ -520,46 +520,60 @@ _LOCK_CANDIDATES_SQL = """
         ))
     ORDER BY d.next_attempt_at, d.id
     LIMIT %(limit)s
-    FOR UPDATE OF d SKIP LOCKED
 """
+# The same, locked, skipping rows that another claim has locked.
+_LOCK_HEADS_SQL = _HEADS_OF_CANDIDATES_SQL + "FOR UPDATE OF d SKIP LOCKED"
 
 
 def _lock_due_heads(now: datetime, limit: int) -> list[Head]:
     """Lock up to `limit` of the deliveries claimable at `now`, oldest due first,
-    and return them as heads. Rows that another claim has locked are skipped.
-
-    On PostgreSQL, the heads are looked for among the oldest DUE_SCAN_WINDOW due
-    deliveries first, which is enough when heads are many among them. When fewer
-    than a quarter of `limit` are, and more due deliveries lie beyond the window,
-    the heads are found again key by key. Long lines behind few heads (a backlog
-    after an outage, a key waiting for its head's retry) then neither slow every
-    claim down nor keep the heads behind them from being found.
-    """
+    and return them as heads. Rows that another claim has locked are skipped."""
     if connection.vendor == "postgresql":
-        parameters: dict[str, Any] = {
-            "now": now,
-            "limit": limit,
-            "window": DUE_SCAN_WINDOW,
-        }
-        with connection.cursor() as cursor:
-            cursor.execute(_WINDOW_CANDIDATES_SQL, parameters)
-            candidates = [pk for (pk,) in cursor.fetchall()]
-            if len(candidates) < max(1, limit // 4):
-                cursor.execute(_WINDOW_FULL_SQL, parameters)
-                (full,) = cursor.fetchone()
-                if full:
-                    cursor.execute(_KEY_CANDIDATES_SQL, parameters)
-                    candidates = [pk for (pk,) in cursor.fetchall()]
-            if not candidates:
-                return []
-            cursor.execute(_LOCK_CANDIDATES_SQL, {**parameters, "ids": candidates})
-            return [tuple(row) for row in cursor.fetchall()]
+        return _due_heads(now, limit, _LOCK_HEADS_SQL)
     locked = (
         claimable(now)
         .order_by("next_attempt_at", "pk")
         .select_for_update(skip_locked=True, of=("self",))
     )
     return list(locked.values_list("pk", "destination_id", "ordering_key")[:limit])
+
+
+def has_claimable(now: datetime) -> bool:
+    """Return whether a worker could claim a delivery at `now`."""
+    if connection.vendor == "postgresql":
+        return bool(_due_heads(now, 1, _HEADS_OF_CANDIDATES_SQL))
+    return claimable(now).exists()
+
+
+def _due_heads(now: datetime, limit: int, heads_sql: str) -> list[Head]:
+    """Return up to `limit` of the deliveries claimable at `now` on PostgreSQL,
+    oldest due first, read with `heads_sql` from the candidates.
+
+    The candidates come from the oldest DUE_SCAN_WINDOW due deliveries first, which
+    is enough when heads are many among them. When fewer than a quarter of `limit`
+    are, and more due deliveries lie beyond the window, they are found again key by
+    key. Long lines behind few heads (a backlog after an outage, a key waiting for
+    its head's retry) then neither slow every claim down nor keep the heads behind
+    them from being found.
+    """
+    parameters: dict[str, Any] = {
+        "now": now,
+        "limit": limit,
+        "window": DUE_SCAN_WINDOW,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_WINDOW_CANDIDATES_SQL, parameters)
+        candidates = [pk for (pk,) in cursor.fetchall()]
+        if len(candidates) < max(1, limit // 4):
+            cursor.execute(_WINDOW_FULL_SQL, parameters)
+            (full,) = cursor.fetchone()
+            if full:
+                cursor.execute(_KEY_CANDIDATES_SQL, parameters)
+                candidates = [pk for (pk,) in cursor.fetchall()]
+        if not candidates:
+            return []
+        cursor.execute(heads_sql, {**parameters, "ids": candidates})
+        return [tuple(row) for row in cursor.fetchall()]
 
 
 def _columns(heads: list[Head]) -> tuple[list[int], list[int], list[str]]:

@@ -23,7 +23,7 @@ from django.utils import timezone
 from destinations.models import Destination
 
 from . import health
-from .claiming import claim, claim_round, claimable, pk_in
+from .claiming import claim, claim_round, has_claimable, pk_in
 from .models import Attempt, Delivery, DeliveryStatus, Outcome
 from .retry import retry_deadline, retry_delay
 from .rows import Row, insert_rows
@@ -451,4 +451,4 @@ def has_due_work() -> bool:
     delivery of its ordering key, does not count. Otherwise every sweep would wake
     workers that claim nothing, for as long as it waits.
     """
-    return claimable(timezone.now()).exists()
+    return has_claimable(timezone.now())

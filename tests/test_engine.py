@@ -200,7 +200,7 @@ def test_long_waiting_line_hides_no_other_head(
         fifo,
         [*[(f"a{n}", KEY_A, n) for n in range(1, 9)], ("b1", KEY_B, 20)],
     )
-    # Key A's head waits for its retry; the seven behind it are due and older than
+    # Key A's head waits for its retry. The seven behind it are due and older than
     # key B's head, so they fill the window of the oldest due deliveries.
     later = timezone.now() + timedelta(hours=1)
     set_status(deliveries["a1"], DeliveryStatus.PENDING, next_attempt_at=later)
@@ -208,6 +208,25 @@ def test_long_waiting_line_hides_no_other_head(
     claimed = engine.claim("worker-1", limit=10)
 
     assert claimed_ids(claimed) == ["b1"]
+
+
+@pytest.mark.parametrize(
+    "window", [claiming.DUE_SCAN_WINDOW, 1], ids=["window", "key_by_key"]
+)
+def test_due_work_leaves_out_waiting_lines(
+    fifo: Destination, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claiming, "DUE_SCAN_WINDOW", window)
+    deliveries = queue_events(fifo, [(f"a{n}", KEY_A, n) for n in range(1, 4)])
+    later = timezone.now() + timedelta(hours=1)
+    set_status(deliveries["a1"], DeliveryStatus.PENDING, next_attempt_at=later)
+
+    waiting_only = engine.has_due_work()
+    queue_events(fifo, [("b1", KEY_B, 4)])
+    with_head = engine.has_due_work()
+
+    assert waiting_only is False
+    assert with_head is True
 
 
 def test_claim_leases_to_worker(fifo: Destination, settings: Any) -> None:
