@@ -4,6 +4,7 @@ lease guard, driven through a recording transport.
 The last tests claim from two threads at once, and run two real Celery worker
 processes that send to a FIFO queue on the SQS peer."""
 
+import gc
 import json
 import os
 import random
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_init
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -628,6 +629,17 @@ def test_worker_start_sets_claim_share(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert three == 3
     assert tasks.pool_size == (os.cpu_count() or 1)
+
+
+def test_worker_process_start_freezes_objects() -> None:
+    gc.unfreeze()
+    try:
+        worker_process_init.send(sender=None)
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+
+    assert frozen > 0
 
 
 # Builds Celery's WorkController for each pool, as `celery worker` does before it
