@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.delivery [--events 2000] [--kinds sqs,pubsub,servicebus]
         [--rate 50] [--seconds 20] [--workers 2] [--batch-size 100] [--repeat 5]
-        [--worker-settings portal.settings]
+        [--history 100000] [--worker-settings portal.settings]
 
 For each kind (an SQS FIFO queue on moto's server, a Pub/Sub topic with message
 ordering on the project's gRPC peer, a Service Bus session queue on the project's AMQP
@@ -22,9 +22,10 @@ peer) it measures:
   the acknowledgement. The target is pipeline p50 <= raw p50 + 15 ms.
 
 It drops and recreates the PostgreSQL database bench_portal, flushes Redis database 9,
-and starts the peers and the worker itself, all on 127.0.0.1. Before each kind but the
-first it runs VACUUM ANALYZE on the database, in case the server runs without
-autovacuum. It prints two tables and writes every figure to
+and starts the peers and the worker itself, all on 127.0.0.1. It records --history
+delivered events first, so that PostgreSQL plans with the statistics of a database in
+use, and runs VACUUM ANALYZE before each kind and each pair of runs, in case the server
+runs without autovacuum. It prints two tables and writes every figure to
 var/bench/delivery-<timestamp>.json. docs/benchmarks.md explains each number and
 records a run.
 """
@@ -232,9 +233,9 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         type=int,
         default=100_000,
         help=(
-            "Delivered events recorded before measuring, as a database in use holds "
-            "them, so that PostgreSQL plans with the statistics of one; 0 starts "
-            "on empty tables (default: 100000)."
+            "Delivered events recorded before measuring, as a database in use "
+            "contains them, so that PostgreSQL plans with the statistics of one; 0 "
+            "starts on empty tables (default: 100000)."
         ),
     )
     parser.add_argument(
@@ -1470,7 +1471,7 @@ def seed_history(count: int) -> float:
     """Record `count` delivered events, with their deliveries and attempts, that
     went out over the hours before the benchmark; return the seconds it took.
 
-    A database in use holds many more finished deliveries than unfinished ones,
+    A database in use contains many more finished deliveries than unfinished ones,
     and PostgreSQL plans the claim's queries with that in its statistics.
     """
     from destinations.models import Destination
