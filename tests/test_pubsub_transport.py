@@ -318,6 +318,43 @@ def test_failed_batch_of_one_key_all_transient(
     assert [m.data for m in received] == [item.body for item in batch]
 
 
+def test_client_error_stops_its_key(
+    local_pubsub_peer: PubSubPeer,
+    pubsub_stage: PointStage,
+    application: Application,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pubsub_stage(local_pubsub_peer.endpoint)
+    topic = new_topic(local_pubsub_peer.endpoint, ordering=True)
+    destination = pubsub_destination(application, topic.topic_id)
+    client = publisher_for(destination)
+    real_publish = client.publish
+    handed_over = []
+
+    def publish(*args: Any, **kwargs: Any) -> Any:
+        # The client rejects one message before sending anything.
+        if kwargs["event_id"] == "order-1-2":
+            raise RuntimeError("the client failed")
+        handed_over.append(kwargs["event_id"])
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(client, "publish", publish)
+    batch = [message("order-1", 1), message("order-1", 2), message("order-1", 3)]
+
+    results = send(destination, *batch, message("order-2", 1))
+    received = topic.pull(2)
+
+    assert isinstance(results[0], Sent)
+    assert failure(results[1]).kind == "internal_error"
+    assert failure(results[2]) == failure(results[1])
+    assert isinstance(results[3], Sent)
+    assert handed_over == ["order-1-1", "order-2-1"]
+    assert sorted(m.attributes["event_id"] for m in received) == [
+        "order-1-1",
+        "order-2-1",
+    ]
+
+
 def test_unordered_publish_retries_unavailable(
     local_pubsub_peer: PubSubPeer, pubsub_stage: PointStage, application: Application
 ) -> None:

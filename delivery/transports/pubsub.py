@@ -299,6 +299,10 @@ class PubSubTransport(Transport):
         results: list[Result | None] = [None] * len(messages)
         pending = []
         resumed: set[str] = set()
+        # Keys whose message the client rejected before sending, for a reason that
+        # is not the message's own: their later messages are not handed over, so
+        # none can arrive ahead of the failed one.
+        stopped: dict[str, Failure] = {}
         keyed = [(self._ordering_key(message), message) for message in messages]
         # The client batches each ordering key on its own and sends a key's next
         # batch only when the one before is acknowledged. Handing it each key's
@@ -307,6 +311,9 @@ class PubSubTransport(Transport):
         by_key = sorted(range(len(keyed)), key=lambda index: keyed[index][0])
         for index in by_key:
             key, message = keyed[index]
+            if key in stopped:
+                results[index] = stopped[key]
+                continue
             if key and key not in resumed:
                 # An earlier send's failure may have paused this key in this
                 # process's client, and the engine only sends the key again once
@@ -317,6 +324,8 @@ class PubSubTransport(Transport):
             outcome = self._publish(client, message, key, errors)
             if isinstance(outcome, Failure):
                 results[index] = outcome
+                if key and outcome.blame != Blame.MESSAGE:
+                    stopped[key] = outcome
             else:
                 pending.append(_Pending(index, outcome, key))
 
