@@ -106,6 +106,8 @@ class Claim:
     deliveries: list[Delivery]
     # Whether due deliveries were left that another worker could take now.
     left_work: bool
+    # When the lease on `deliveries` ends; None when nothing was claimed.
+    lease_until: datetime | None = None
 
 
 def claim(worker: str, limit: int, share: int = 1) -> list[Delivery]:
@@ -172,7 +174,11 @@ def claim_round(worker: str, limit: int, share: int = 1) -> Claim:
     position = {pk: index for index, pk in enumerate(ids)}
     deliveries.sort(key=lambda delivery: position[delivery.pk])
     taken = sum(1 for head in heads if head[0] in position)
-    return Claim(deliveries, left_work=not saw_all or taken < available)
+    return Claim(
+        deliveries,
+        left_work=not saw_all or taken < available,
+        lease_until=lease.until,
+    )
 
 
 # The workers other than the claiming one that are sending now. Workers on other

@@ -23,7 +23,8 @@ from django.utils import timezone
 from destinations.models import Destination
 
 from . import health
-from .claiming import claim, claim_round, has_claimable, pk_in
+from .claiming import claim as claim  # Callers claim and send through this module.
+from .claiming import claim_round, has_claimable, pk_in
 from .models import Attempt, Delivery, DeliveryStatus, Outcome
 from .retry import retry_deadline, retry_delay
 from .rows import Row, insert_rows
@@ -63,19 +64,56 @@ def deliver(delivery_id: int, worker: str | None = None) -> bool:
 
 
 def run_once(worker: str, limit: int | None = None) -> int:
-    """Claim one batch of due deliveries, send it, and return how many were sent."""
-    deliveries = claim(worker, limit or settings.DELIVERY_CLAIM_SIZE)
-    send_claimed(worker, deliveries)
-    return len(deliveries)
+    """Claim one batch of due deliveries, send it, and return how many were
+    claimed."""
+    claimed = claim_round(worker, limit or settings.DELIVERY_CLAIM_SIZE)
+    send_claimed(worker, claimed.deliveries, claimed.lease_until)
+    return len(claimed.deliveries)
 
 
-def send_claimed(worker: str, deliveries: list[Delivery]) -> None:
-    """Send claimed deliveries, one transport call per destination."""
+def send_claimed(
+    worker: str, deliveries: list[Delivery], lease_until: datetime | None = None
+) -> None:
+    """Send claimed deliveries, one transport call per destination.
+
+    A call starts only in the first half of the lease that ends at `lease_until`,
+    so that it can end before another worker may reclaim its deliveries and send
+    them again. The deliveries of the calls that cannot start go back to pending.
+    """
     # A stable sort keeps the claim's order within each destination, which is
     # each ordering key's order as the database compares event ids.
     deliveries.sort(key=lambda delivery: delivery.destination_id)
-    for _, group in groupby(deliveries, key=lambda delivery: delivery.destination_id):
-        send_batch(worker, list(group))
+    groups = [
+        list(group)
+        for _, group in groupby(
+            deliveries, key=lambda delivery: delivery.destination_id
+        )
+    ]
+    half_lease = timedelta(seconds=settings.DELIVERY_LEASE_SECONDS / 2)
+    for number, group in enumerate(groups):
+        if lease_until is not None and timezone.now() >= lease_until - half_lease:
+            _release(
+                worker, [delivery for rest in groups[number:] for delivery in rest]
+            )
+            return
+        send_batch(worker, group)
+
+
+def _release(worker: str, deliveries: list[Delivery]) -> None:
+    """Return claimed deliveries that were not sent to pending, still due."""
+    released = _claimed_by(worker, [delivery.pk for delivery in deliveries]).update(
+        status=DeliveryStatus.PENDING,
+        lease_expires_at=None,
+        claimed_by="",
+        updated_at=timezone.now(),
+    )
+    logger.warning(
+        "Released %d claimed deliveries to destinations %s unsent: the claim's "
+        "earlier calls took half of its %d-second lease",
+        released,
+        ", ".join(str(pk) for pk in sorted({d.destination_id for d in deliveries})),
+        settings.DELIVERY_LEASE_SECONDS,
+    )
 
 
 def drain(
@@ -101,7 +139,7 @@ def drain(
         if on_backlog is not None and claimed.left_work:
             on_backlog()
             on_backlog = None
-        send_claimed(worker, claimed.deliveries)
+        send_claimed(worker, claimed.deliveries, claimed.lease_until)
     return True
 
 

@@ -1017,6 +1017,30 @@ def test_lease_owner_records_after_stale_worker(fifo: Destination) -> None:
     assert delivery.claimed_by == ""
 
 
+def test_calls_past_half_lease_are_released(
+    fifo: Destination, standard: Destination, transport: Script, settings: Any
+) -> None:
+    settings.DELIVERY_LEASE_SECONDS = 2
+    # The first destination's call takes more than half of the lease.
+    transport.delay_seconds = 1.2
+    queue_events(fifo, [("a1", KEY_A, 1)])
+    deliveries = queue_events(standard, [("u1", KEY_B, 2)])
+
+    claimed = engine.run_once("worker-1")
+    after_first_round = list(transport.sent)
+    deliveries["u1"].refresh_from_db()
+    attempts_after_first_round = deliveries["u1"].attempts.count()
+    transport.delay_seconds = 0
+    engine.run_once("worker-1")
+
+    assert claimed == 2
+    assert after_first_round == ["a1"]
+    assert deliveries["u1"].status == DeliveryStatus.PENDING
+    assert deliveries["u1"].claimed_by == ""
+    assert attempts_after_first_round == 0
+    assert transport.sent == ["a1", "u1"]
+
+
 # Claims from two threads at once.
 
 CLAIM_POOL = 200
