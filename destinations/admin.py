@@ -34,6 +34,7 @@ from delivery.summaries import (
 )
 from delivery.testevents import send_test_event
 from portal.changelists import SafeChangeListMixin
+from portal.form_errors import ExplainedErrors
 
 from .admin_checks import CheckAccessMixin
 from .admin_secrets import SecretsAdminMixin
@@ -122,7 +123,7 @@ class StateFilter(admin.SimpleListFilter):
         return queryset
 
 
-class ReplayForm(forms.Form):
+class ReplayForm(ExplainedErrors, forms.Form):
     prefix = "replay"
     start = UtcDateTimeField(
         label="From (UTC)",

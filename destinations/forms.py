@@ -5,6 +5,8 @@ from typing import Any
 from django import forms
 from django.http import QueryDict
 
+from portal.form_errors import ExplainedErrors
+
 from .models import Application, Destination, Kind
 from .pasted_secrets import SECRET_PASTED, describe_secret, secret_error
 
@@ -78,13 +80,13 @@ class BlankPastedSecretsMixin(forms.BaseForm):
         self.data = data
 
 
-class ApplicationForm(BlankPastedSecretsMixin, forms.ModelForm):
+class ApplicationForm(ExplainedErrors, BlankPastedSecretsMixin, forms.ModelForm):
     class Meta:
         model = Application
         fields = ("name", "slug", "contact_emails", "developers")
 
 
-class DestinationForm(BlankPastedSecretsMixin, forms.ModelForm):
+class DestinationForm(ExplainedErrors, BlankPastedSecretsMixin, forms.ModelForm):
     secret_fields = SECRET_FIELDS
 
     # Write-only: the stored value is a Fernet token and is never rendered back.

@@ -7,6 +7,8 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
+from portal.form_errors import ExplainedErrors
+
 from ..models import Event, NotificationPreference
 
 
@@ -83,7 +85,7 @@ class PlainLabels:
         super().__init__(*args, **kwargs)
 
 
-class EventSearchForm(PlainLabels, forms.Form):
+class EventSearchForm(PlainLabels, ExplainedErrors, forms.Form):
     event_id = forms.CharField(
         label="Event ID", required=False, max_length=64, help_text="The exact id."
     )
@@ -128,7 +130,7 @@ class EventSearchForm(PlainLabels, forms.Form):
         return events
 
 
-class ReplayForm(PlainLabels, forms.Form):
+class ReplayForm(PlainLabels, ExplainedErrors, forms.Form):
     start = time_field(
         "From (UTC)", "Events at or after this time, such as 2025-03-03 08:00.", True
     )
@@ -140,7 +142,7 @@ class ReplayForm(PlainLabels, forms.Form):
         return cleaned
 
 
-class NotificationForm(PlainLabels, forms.ModelForm):
+class NotificationForm(PlainLabels, ExplainedErrors, forms.ModelForm):
     class Meta:
         model = NotificationPreference
         fields = ["on_failing", "on_paused", "on_disabled", "on_recovered"]
