@@ -473,8 +473,10 @@ _WINDOW_FULL_SQL = """
 # key) pairs of unfinished deliveries with one index probe each, because PostgreSQL
 # 15 has no skip scan. Then it takes each key's first unfinished delivery if that
 # one is pending and due. The key '' of a destination holds its deliveries that keep no
-# order: its oldest due ones count, up to the limit. The cost grows with the keys
-# that have unfinished deliveries, not with the deliveries in their lines.
+# order: its oldest due ones count, up to the limit. Of a paused or disabled
+# destination, only its test deliveries count: otherwise its held-back backlog would
+# fill the limit ahead of them. The cost grows with the keys that have unfinished
+# deliveries, not with the deliveries in their lines.
 _KEY_CANDIDATES_SQL = f"""
     WITH RECURSIVE keys AS (
         (
@@ -497,17 +499,32 @@ _KEY_CANDIDATES_SQL = f"""
     )
     SELECT c.id
     FROM keys k
-    CROSS JOIN LATERAL (
-        SELECT id, status, next_attempt_at, is_test FROM delivery_delivery
-        WHERE destination_id = k.destination_id
-            AND ordering_key = k.ordering_key
-            AND status IN ('pending', 'sending', 'held')
-            AND (k.ordering_key <> ''
-                OR (status = 'pending' AND next_attempt_at <= %(now)s))
-        ORDER BY event_time, event_id
-        LIMIT CASE WHEN k.ordering_key = '' THEN %(limit)s ELSE 1 END
-    ) c
     JOIN destinations_destination t ON t.id = k.destination_id
+    CROSS JOIN LATERAL (
+        (
+            SELECT id, status, next_attempt_at, is_test FROM delivery_delivery
+            WHERE destination_id = k.destination_id
+                AND ordering_key = k.ordering_key
+                AND status IN ('pending', 'sending', 'held')
+                AND (k.ordering_key <> ''
+                    OR (status = 'pending' AND next_attempt_at <= %(now)s))
+                AND (k.ordering_key <> '' OR (t.enabled AND t.paused_at IS NULL))
+            ORDER BY event_time, event_id
+            LIMIT CASE WHEN k.ordering_key = '' THEN %(limit)s ELSE 1 END
+        )
+        UNION ALL
+        -- NOTE: this reads the destination's whole backlog if PostgreSQL plans it
+        -- on delivery_unfinished_by_key instead of delivery_test_by_destination.
+        (
+            SELECT id, status, next_attempt_at, is_test FROM delivery_delivery
+            WHERE k.ordering_key = '' AND NOT (t.enabled AND t.paused_at IS NULL)
+                AND destination_id = k.destination_id
+                AND is_test
+                AND ordering_key = ''
+                AND status = 'pending' AND next_attempt_at <= %(now)s
+            LIMIT %(limit)s
+        )
+    ) c
     WHERE c.status = 'pending' AND c.next_attempt_at <= %(now)s AND {_SENDABLE}
 """  # noqa: S608
 # The candidates that are still pending and due and whose key no worker is sending
