@@ -587,16 +587,30 @@ def _due_heads(now: datetime, limit: int, heads_sql: str) -> list[Head]:
     with connection.cursor() as cursor:
         cursor.execute(_WINDOW_CANDIDATES_SQL, parameters)
         candidates = [pk for (pk,) in cursor.fetchall()]
-        if len(candidates) < max(1, limit // 4):
-            cursor.execute(_WINDOW_FULL_SQL, parameters)
-            (full,) = cursor.fetchone()
-            if full:
-                cursor.execute(_KEY_CANDIDATES_SQL, parameters)
-                candidates = [pk for (pk,) in cursor.fetchall()]
-        if not candidates:
-            return []
-        cursor.execute(heads_sql, {**parameters, "ids": candidates})
-        return [tuple(row) for row in cursor.fetchall()]
+        heads = _heads_of(cursor, heads_sql, parameters, candidates)
+        # Count the heads, not the candidates: a candidate whose key is being sent,
+        # or that another claim has locked, is not claimed.
+        if len(heads) >= max(1, limit // 4):
+            return heads
+        cursor.execute(_WINDOW_FULL_SQL, parameters)
+        (full,) = cursor.fetchone()
+        if not full:
+            return heads
+        cursor.execute(_KEY_CANDIDATES_SQL, parameters)
+        # The heads found already stay candidates: `heads_sql` may have locked them.
+        found = [pk for (pk,) in cursor.fetchall()]
+        candidates = list(dict.fromkeys([*found, *(head[0] for head in heads)]))
+        return _heads_of(cursor, heads_sql, parameters, candidates)
+
+
+def _heads_of(
+    cursor: Any, heads_sql: str, parameters: dict[str, Any], candidates: list[int]
+) -> list[Head]:
+    """Return the heads that `heads_sql` reads from `candidates`."""
+    if not candidates:
+        return []
+    cursor.execute(heads_sql, {**parameters, "ids": candidates})
+    return [tuple(row) for row in cursor.fetchall()]
 
 
 def _columns(heads: list[Head]) -> tuple[list[int], list[int], list[str]]:

@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from delivery import claiming, engine
 from delivery.claiming import claimable
+from delivery.models import Delivery, DeliveryStatus
 from destinations.models import Application, Destination
 
 from .delivery_doubles import (
@@ -20,6 +21,7 @@ from .delivery_doubles import (
 pytestmark = pytest.mark.django_db
 
 KEY_A = "4102/st-1/order/a"
+KEY_B = "4102/st-1/order/b"
 
 
 @pytest.fixture
@@ -36,6 +38,11 @@ def paused_standard(application: Application) -> Destination:
         sqs_queue_url=STANDARD_QUEUE_URL.replace("orders", "paused"),
         paused_at=timezone.now(),
     )
+
+
+@pytest.fixture
+def fifo(application: Application) -> Destination:
+    return make_destination(application, ordered=True)
 
 
 def queue_backlog_and_test_event(destination: Destination) -> None:
@@ -65,5 +72,38 @@ def test_due_work_sees_paused_test_event(
 ) -> None:
     monkeypatch.setattr(claiming, "DUE_SCAN_WINDOW", 2)
     queue_backlog_and_test_event(paused_standard)
+
+    assert engine.has_due_work() is True
+
+
+def queue_replay_in_flight_and_head_behind(fifo: Destination) -> None:
+    """Queue a replayed older event of key A that waits while the newer one is
+    being sent, then key B's head."""
+    deliveries = queue_events(fifo, [("a1", KEY_A, 1), ("a2", KEY_A, 2)])
+    Delivery.objects.filter(pk=deliveries["a2"].pk).update(
+        status=DeliveryStatus.SENDING, claimed_by="other"
+    )
+    queue_events(fifo, [("b1", KEY_B, 3)])
+
+
+def test_waiting_replay_hides_no_head(
+    fifo: Destination, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The window contains only a1, first in its key's line but waiting for a2.
+    monkeypatch.setattr(claiming, "DUE_SCAN_WINDOW", 1)
+    queue_replay_in_flight_and_head_behind(fifo)
+
+    expected = list(claimable(timezone.now()).values_list("event_id", flat=True))
+    claimed = engine.claim("worker-1", limit=4)
+
+    assert expected == ["b1"]
+    assert [delivery.event_id for delivery in claimed] == ["b1"]
+
+
+def test_due_work_sees_head_past_replay(
+    fifo: Destination, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claiming, "DUE_SCAN_WINDOW", 1)
+    queue_replay_in_flight_and_head_behind(fifo)
 
     assert engine.has_due_work() is True
