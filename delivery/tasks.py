@@ -52,8 +52,9 @@ def _freeze_startup_objects(**kwargs: Any) -> None:
     again. Claims build thousands of short-lived objects per second, which set off
     such collections. worker_process_init runs in each process of a prefork pool,
     worker_ready in the worker's main process, which runs tasks with the solo and
-    threads pools.
+    threads pools. Garbage is collected first, so that none is kept for good.
     """
+    gc.collect()
     gc.freeze()
 
 
