@@ -472,11 +472,11 @@ _WINDOW_FULL_SQL = """
 # Returns the candidates key by key. It walks the distinct (destination, ordering
 # key) pairs of unfinished deliveries with one index probe each, because PostgreSQL
 # 15 has no skip scan. Then it takes each key's first unfinished delivery if that
-# one is pending and due. The key '' of a destination holds its deliveries that keep no
-# order: its oldest due ones count, up to the limit. Of a paused or disabled
-# destination, only its test deliveries count: otherwise its held-back backlog would
-# fill the limit ahead of them. The cost grows with the keys that have unfinished
-# deliveries, not with the deliveries in their lines.
+# one is pending and due. The key '' of a destination contains its deliveries that
+# keep no order, and its oldest due ones count, up to the limit. Of a paused or
+# disabled destination, only its test deliveries count, because otherwise its
+# held-back backlog would fill the limit ahead of them. The cost grows with the keys
+# that have unfinished deliveries, not with the deliveries in their lines.
 _KEY_CANDIDATES_SQL = f"""
     WITH RECURSIVE keys AS (
         (
