@@ -106,7 +106,7 @@ class Claim:
     deliveries: list[Delivery]
     # Whether due deliveries were left that another worker could take now.
     left_work: bool
-    # When the lease on `deliveries` ends; None when nothing was claimed.
+    # When the lease on `deliveries` ends, or None when nothing was claimed.
     lease_until: datetime | None = None
 
 

@@ -100,7 +100,7 @@ def send_claimed(
 
 
 def _release(worker: str, deliveries: list[Delivery]) -> None:
-    """Return claimed deliveries that were not sent to pending, still due."""
+    """Set claimed deliveries that were not sent back to pending, due as before."""
     released = _claimed_by(worker, [delivery.pk for delivery in deliveries]).update(
         status=DeliveryStatus.PENDING,
         lease_expires_at=None,
@@ -108,8 +108,9 @@ def _release(worker: str, deliveries: list[Delivery]) -> None:
         updated_at=timezone.now(),
     )
     logger.warning(
-        "Released %d claimed deliveries to destinations %s unsent: the claim's "
-        "earlier calls took half of its %d-second lease",
+        "Released %d claimed deliveries to destinations %s unsent, because the "
+        "claim's earlier calls took half of its %d-second lease. A later claim "
+        "sends them",
         released,
         ", ".join(str(pk) for pk in sorted({d.destination_id for d in deliveries})),
         settings.DELIVERY_LEASE_SECONDS,
